@@ -1,0 +1,369 @@
+"""Typed configuration for every stage.
+
+Merge order (STYLE.md): schema <- stages/configs/base.yaml <- stages/configs/<stage>.yaml <- overlay YAML
+files <- command-line `key=value`. An unknown key or a wrong type fails with the key's name and the
+closest valid keys. One schema serves all stages; each section documents its fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from medsight.vocab import NUM_CLASSES, SYNTHETIC_MODALITY_GROUPS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "stages" / "configs"
+STAGES = ("stage1", "stage2", "stage3")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class SyntheticConfig:
+    """Parameters of the embedded synthetic dataset generator (`make data`)."""
+
+    seed: int = 0
+    image_size: int = 128  # written PNG side (BiomedParse writes 1024; the reader resizes anyway)
+    cases_per_group: int = 24  # patients per modality group
+    slices_per_case: int = 6  # 2D slices per patient
+    test_fraction: float = 0.2  # fraction of cases written to test/
+    lesion_free_fraction: float = 0.25  # fraction of slices without any lesion
+    vqa_per_image: int = 3  # VQA questions generated per image
+    instruct_per_image: int = 2  # grounded dialogues per image
+    mcq_per_image: int = 1  # OmniMedVQA-style questions per image
+
+
+@dataclass
+class DataConfig:
+    """Where data comes from and how it is read (SPEC section 6)."""
+
+    format: str = "synthetic"  # synthetic | biomedparse
+    root: str = "data/synthetic"  # synthetic: dataset folder; biomedparse: folder holding meta.json
+    meta: Optional[str] = None  # BiomedParse meta file; default <root>/biomedparse/meta.json
+    instruct: Optional[str] = None  # folder with {train,val,test}.json grounded dialogues; default <root>/instruct
+    vqa: Optional[str] = None  # folder with {train,val,test}.json LLaVA-Med VQA; default <root>/vqa
+    image_size: int = 128  # model input side (336 at paper scale)
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    val_fraction: float = 0.15  # fraction of training CASES held out for validation (split by case)
+    max_masks: int = 8  # cap on masks per image for segmentation batches
+    on_error: str = "raise"  # raise | skip (skips are logged and counted)
+    modality_groups: list[str] = field(default_factory=lambda: list(SYNTHETIC_MODALITY_GROUPS))
+    cache: bool = True  # cache decoded images in memory
+    augment: bool = False  # flips/intensity jitter for segmentation training
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+# ------------------------------------------------------------------------------------------- models
+@dataclass
+class VisionConfig:
+    """Vision encoder (SPEC section 2). `name` picks a factory from medsight.models.backbones."""
+
+    name: str = "tiny"  # tiny | hf (local CLIP/SigLIP dir in `path`) | clip-vit-l14-336
+    path: Optional[str] = None  # local weights directory (hf / clip-vit-l14-336)
+    select_layer: int = -1  # transformer block whose output gives patch features; recorded in exports
+    trainable: bool = True  # False at paper scale (frozen encoder); the random tiny encoder must train
+    width: int = 128  # tiny encoder width
+    depth: int = 4  # tiny encoder blocks
+    patch_size: int = 8  # tiny encoder stride (image_size / patch_size = feature side)
+
+
+@dataclass
+class PerceiverConfig:
+    """Region Perceiver (SPEC section 3)."""
+
+    dim: int = 128  # d (1024 at paper scale)
+    num_queries: int = 20  # N
+    num_stages: int = 3  # upsampling stages after the init block
+    heads: int = 4
+    head_dim: int = 32
+    ff_mult: int = 4
+    num_classes: int = NUM_CLASSES  # C; the class head has C + 1 outputs ("no object")
+    pixel_ffn: bool = True  # feed-forward on every pixel in the pixel->query update (paper: True)
+    mask_threshold: float = 0.5  # attention-mask threshold on sigmoid(logit)
+
+
+@dataclass
+class LossConfig:
+    """Stage-1 set-prediction loss (SPEC section 3). Defaults are the paper's (Mask2Former) weights."""
+
+    preset: str = "paper"  # paper | official_code (1/1/1, no no-object term); applied by the stage
+    class_weight: float = 2.0
+    bce_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 0  # 0: loss at mask resolution; >0: sample this many points (Mask2Former 12544)
+
+
+@dataclass
+class CodebookConfig:
+    """Modality-aware region codebook (SPEC section 4)."""
+
+    num_groups: int = 4  # G (18 at paper scale); must equal len(data.modality_groups)
+    num_codes: int = 32  # K per group
+    code_dim: int = 64  # D
+    beta: float = 0.25  # commitment weight
+    codebook_weight: float = 1.0
+    recon_weight: float = 1.0
+    mask_weight: float = 1.0
+    modality_weight: float = 1.0
+    ema: bool = False  # EMA codebook updates instead of the codebook loss
+    ema_decay: float = 0.99
+    reseed_dead: bool = True  # re-seed unused codes from recent encoder outputs
+    reseed_every: int = 50  # steps between dead-code checks
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LLMConfig:
+    """Language model (SPEC section 2/5). `name` picks a factory from medsight.models.llm."""
+
+    name: str = "tiny"  # tiny | hf (local causal-LM dir in `path`) | qwen3-8b
+    path: Optional[str] = None
+    trust_remote_code: bool = False
+    hidden_size: int = 192  # tiny only
+    num_layers: int = 3  # tiny only
+    num_heads: int = 4  # tiny only
+    num_kv_heads: int = 2  # tiny only
+    intermediate_size: int = 512  # tiny only
+    vocab_size: int = 512  # tiny tokenizer's BPE vocabulary size (before code tokens)
+    max_length: int = 256  # text tokens per sample (the image adds patch + region tokens)
+    separate_projectors: bool = False  # separate v->t projectors for patch and region tokens
+    gradient_checkpointing: bool = False
+    mask_loss_weight: float = 1.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class PhaseConfig:
+    """One stage-3 phase (align / ground / instruct)."""
+
+    lr: float = 1e-3
+    max_steps: int = 300
+    max_time_s: Optional[float] = None  # stop the phase after this many seconds (CPU budgets)
+
+
+@dataclass
+class Stage3Config:
+    phases: list[str] = field(default_factory=lambda: ["align", "ground", "instruct"])
+    align: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=100))
+    ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
+    instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
+    max_new_tokens: int = 48
+
+
+# --------------------------------------------------------------------------------------- training
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.03
+    min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to lightning.Trainer (only these keys)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | deepspeed_stage_2 | fsdp | model_parallel
+    precision: Optional[str] = None  # None: 32 on CPU, bf16-mixed on GPU
+    max_epochs: int = -1
+    max_steps: int = 1000
+    max_time_s: Optional[float] = None  # wall-clock budget for fit(); checked by a callback
+    val_check_interval: Optional[int] = None  # in steps; None: once at the end of each epoch
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    fast_dev_run: bool = False
+    limit_val_batches: Optional[float] = None
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
+
+
+@dataclass
+class Config:
+    stage: str = "stage1"
+    run_name: str = "default"
+    out_root: str = "checkpoints"  # run directory = <out_root>/<run_name>/<stage>
+    seed: int = 0
+    resume: Optional[str] = None  # "auto" (last.ckpt of this run) or a .ckpt path
+    init_from: Optional[str] = None  # previous stage's export dir; default <out_root>/<run_name>/stage{N-1}/export
+    data: DataConfig = field(default_factory=DataConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                keys.extend(_valid_keys(child, full + "."))
+    return keys
+
+
+def _check_keys(schema: DictConfig, update: Any, source: str, prefix: str = "") -> None:
+    """Reject keys of `update` that the schema lacks, naming the closest valid ones."""
+    if not isinstance(update, (DictConfig, dict)):
+        return
+    for k in update.keys():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            siblings = [f"{prefix}{s}" for s in schema.keys()]
+            close = difflib.get_close_matches(full, list(dict.fromkeys(siblings + _valid_keys(schema, prefix))), n=3,
+                                              cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys here: {', '.join(siblings)}"
+            raise ConfigError(f"unknown config key '{full}' (from {source}){hint}")
+        child = schema._get_node(k)
+        if isinstance(child, DictConfig):
+            _check_keys(child, update[k], source, full + ".")
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    _check_keys(base, update, source)
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"bad value for config key '{key}' (from {source}): {msg}") from None
+
+
+def load_config(
+    stage: str,
+    overlays: Optional[list[str]] = None,
+    overrides: Optional[list[str]] = None,
+    config_dir: Path | str = CONFIG_DIR,
+) -> DictConfig:
+    """Build the resolved config of `stage` (schema <- base <- stage <- overlays <- key=value)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; choose from {list(STAGES)}")
+    config_dir = Path(config_dir)
+    cfg = OmegaConf.structured(Config)
+    for path in [config_dir / "base.yaml", config_dir / f"{stage}.yaml", *[Path(p) for p in overlays or []]]:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            update = OmegaConf.load(path)
+        except Exception as e:  # yaml errors
+            raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        cfg = _merge(cfg, update, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}' is not of the form key=value")
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except Exception as e:
+            raise ConfigError(f"cannot parse override '{item}': {e}") from None
+        cfg = _merge(cfg, update, f"command line '{item}'")
+    cfg.stage = stage
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: DictConfig) -> None:
+    choices = {
+        "data.format": ("synthetic", "biomedparse"),
+        "data.on_error": ("raise", "skip"),
+        "loss.preset": ("paper", "official_code"),
+    }
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is '{value}'; choose from {list(allowed)}")
+    for phase in cfg.stage3.phases:
+        if phase not in ("align", "ground", "instruct"):
+            raise ConfigError(f"config key 'stage3.phases' has unknown phase '{phase}'; choose from align, ground, instruct")
+    if cfg.codebook.num_groups != len(cfg.data.modality_groups):
+        raise ConfigError(
+            f"config key 'codebook.num_groups' is {cfg.codebook.num_groups} but 'data.modality_groups' "
+            f"lists {len(cfg.data.modality_groups)} groups; they must match"
+        )
+
+
+def parse_cli(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split stage arguments into overlay YAML paths and key=value overrides."""
+    overlays, overrides = [], []
+    for a in argv:
+        if "=" in a:
+            overrides.append(a)
+        elif a.endswith((".yaml", ".yml")):
+            overlays.append(a)
+        else:
+            raise ConfigError(f"argument '{a}' is neither an overlay .yaml file nor a key=value override")
+    return overlays, overrides
+
+
+def run_dir(cfg: DictConfig, stage: Optional[str] = None) -> Path:
+    """`<out_root>/<run_name>/<stage>`."""
+    return Path(cfg.out_root) / cfg.run_name / (stage or cfg.stage)
+
+
+def previous_export(cfg: DictConfig, stage: str) -> Path:
+    """Export directory that `cfg.stage` starts from (cfg.init_from, else the default location)."""
+    if cfg.init_from:
+        return Path(cfg.init_from)
+    return run_dir(cfg, stage) / "export"
+
+
+def save_config(cfg: DictConfig, path: Path | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: dict) -> DictConfig:
+    """Rebuild a typed config from a plain dict (e.g. an export's config.yaml), rejecting unknown keys."""
+    base = OmegaConf.structured(Config)
+    return _merge(base, OmegaConf.create(d), "saved config")
+
+
+def offline_env() -> None:
+    """Never reach the hub: nothing can be downloaded at run time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+__all__ = [
+    "Config", "ConfigError", "load_config", "parse_cli", "run_dir", "previous_export", "save_config",
+    "to_dict", "from_dict", "offline_env", "ListConfig",
+]

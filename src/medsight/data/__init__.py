@@ -1,0 +1,18 @@
+"""Data: the embedded synthetic dataset, readers for the real formats, MONAI transforms, one DataModule.
+
+Batch contract (after collate; every stage relies on it):
+
+task="segmentation" (BiomedParse-style data):
+    image       (B, 3, S, S) float32, CLIP-normalised, S = data.image_size
+    masks       (B, M, S, S) float32 in {0, 1}; M = most masks of any image in the batch (<= data.max_masks)
+    mask_valid  (B, M) bool, False on padding
+    labels      (B, M) int64 BiomedParse class id (1..16), -1 on padding
+    modality    (B,) int64 index into data.modality_groups
+    id, case    list[str] image id (file stem) and case (patient) id
+    ann_ids     list[list[str]] annotation ids of the masks, in mask order
+task="vqa" (LLaVA-Med VQA form):
+    image, modality, id as above; question, answer, answer_type (CLOSED|OPEN): list[str]
+task="instruct" (LLaVA conversation form with <mask> or code tokens, mask_orders/mask_files):
+    image, modality, id as above; conversations: list[list[{"from", "value"}]];
+    masks/mask_valid/labels as above but in `mask_orders` order (the i-th code <-> the i-th mask)
+"""

@@ -1,0 +1,199 @@
+"""Mechanics every stage shares: run setup, the trainable-set declaration, optimiser + schedule, the
+Lightning Trainer with TensorBoard, checkpoints for resuming, and the wall-clock budget.
+
+A stage file calls these; there is no stage base class (STYLE.md point 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from medsight.config import load_config, offline_env, parse_cli, run_dir, save_config
+
+log = logging.getLogger("medsight")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+
+
+def setup_run(stage: str, argv: Optional[list[str]] = None) -> tuple[DictConfig, Path]:
+    """Parse `[overlay.yaml ...] [key=value ...]`, build the config, seed, and create the run directory
+    (with the resolved config written as `config.yaml`)."""
+    offline_env()
+    setup_logging()
+    torch.set_flush_denormal(True)  # denormal floats from confident mask logits slow CPUs 8x
+    overlays, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv))
+    cfg = load_config(stage, overlays, overrides)
+    seed_everything(cfg.seed)
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return cfg, out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+
+
+# ------------------------------------------------------------------------------------ what trains
+def declare_trainable(model: torch.nn.Module, trainable: Iterable[str]) -> dict[str, int]:
+    """Freeze everything, then unfreeze the named submodules (dotted names; '' = all). Returns counts.
+
+    This is the one place a stage says what trains (STYLE.md point 2); tests assert the result.
+    """
+    names = list(trainable)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        sub = model if name == "" else model.get_submodule(name)
+        for p in sub.parameters():
+            p.requires_grad_(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    return {"trainable": n_train, "frozen": n_total - n_train, "total": n_total}
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """Top-level-ish names of trainable parameters (for tests)."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def log_param_counts(model: torch.nn.Module, components: Optional[dict[str, torch.nn.Module]] = None) -> None:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("parameters: %s trainable, %s frozen, %s total", f"{n_train:,}", f"{n_total - n_train:,}",
+             f"{n_total:,}")
+    for name, comp in (components or {}).items():
+        t = sum(p.numel() for p in comp.parameters() if p.requires_grad)
+        a = sum(p.numel() for p in comp.parameters())
+        log.info("  %-14s %12s params, %12s trainable", name, f"{a:,}", f"{t:,}")
+
+
+# --------------------------------------------------------------------------------------- optimiser
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float,
+                       min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for `warmup_frac` of the steps, then cosine to `min_lr_ratio` x lr (per step)."""
+    total = max(1, int(total_steps))
+    warm = int(total * warmup_frac)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / max(1, warm)
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw_cosine(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, total_steps: int,
+                 warmup_frac: float, min_lr_ratio: float) -> dict[str, Any]:
+    """`configure_optimizers` return value: AdamW + per-step cosine schedule."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = cosine_with_warmup(opt, total_steps, warmup_frac, min_lr_ratio)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def default_precision(cfg: DictConfig) -> str:
+    if cfg.trainer.precision:
+        return str(cfg.trainer.precision)
+    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
+
+
+def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mode: str = "max",
+                  callbacks: Optional[list] = None, max_steps: Optional[int] = None, subdir: str = "",
+                  **overrides: Any):
+    """A Lightning Trainer logging to `<out>/tb`, keeping `last.ckpt` (+ best by `monitor`) in
+    `<out>/<subdir>ckpt/`, stopping at `trainer.max_steps` or `trainer.max_time_s`, whichever first."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    t = cfg.trainer
+    ckpt_dir = out / f"{subdir}ckpt"
+    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
+                           save_top_k=1 if monitor else 0, every_n_train_steps=None)]
+    cbs += callbacks or []
+    progress = t.enable_progress_bar if t.enable_progress_bar is not None else sys.stderr.isatty()
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=_strategy(t.strategy),
+        precision=default_precision(cfg),
+        max_epochs=t.max_epochs,
+        max_steps=max_steps if max_steps is not None else t.max_steps,
+        max_time={"seconds": t.max_time_s} if t.max_time_s else None,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if t.val_check_interval else 1,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        fast_dev_run=t.fast_dev_run,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        logger=TensorBoardLogger(str(out), name="tb", version=subdir.rstrip("/") or None, default_hp_metric=False),
+        callbacks=cbs,
+        deterministic=False,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def _strategy(name: str) -> Any:
+    if name in ("model_parallel", "fsdp2"):
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        return ModelParallelStrategy()
+    return name
+
+
+def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[str]:
+    """`resume=auto` -> `<out>/<subdir>ckpt/last.ckpt` when it exists; a path -> that file."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        last = out / f"{subdir}ckpt" / "last.ckpt"
+        if last.is_file():
+            log.info("resuming from %s", last)
+            return str(last)
+        log.info("resume=auto: no %s yet, starting fresh", last)
+        return None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    return str(path)
+
+
+class Stopwatch:
+    """Wall time of a stage, for metrics.json's `wall_time_s` (includes start-up since import)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+__all__ = [
+    "setup_run", "seed_everything", "declare_trainable", "trainable_names", "log_param_counts",
+    "cosine_with_warmup", "adamw_cosine", "build_trainer", "resume_checkpoint", "Stopwatch", "log",
+]
