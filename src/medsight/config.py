@@ -52,6 +52,8 @@ class DataConfig:
     meta: Optional[str] = None  # BiomedParse meta file; default <root>/biomedparse/meta.json
     instruct: Optional[str] = None  # folder with {train,val,test}.json grounded dialogues; default <root>/instruct
     vqa: Optional[str] = None  # folder with {train,val,test}.json LLaVA-Med VQA; default <root>/vqa
+    diagseg: Optional[str] = None  # folder with {train,val,test}.json DiagSeg; default <root>/diagseg
+    omnimedvqa: Optional[str] = None  # folder with <modality>.json OmniMedVQA (test only); default <root>/omnimedvqa
     image_size: int = 128  # model input side (336 at paper scale)
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -79,6 +81,7 @@ class VisionConfig:
     width: int = 128  # tiny encoder width
     depth: int = 4  # tiny encoder blocks
     patch_size: int = 8  # tiny encoder stride (image_size / patch_size = feature side)
+    tiny_arch: str = "conv"  # tiny encoder: conv (strided conv stem + ConvNeXt blocks) | vit (tiny CLIP ViT)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class LossConfig:
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
     num_points: int = 0  # 0: loss at mask resolution; >0: sample this many points (Mask2Former 12544)
+    deep_supervision: bool = False  # also apply the loss to the init block's and intermediate stages' masks
 
 
 @dataclass
@@ -122,8 +126,10 @@ class CodebookConfig:
     modality_weight: float = 1.0
     ema: bool = False  # EMA codebook updates instead of the codebook loss
     ema_decay: float = 0.99
-    reseed_dead: bool = True  # re-seed unused codes from recent encoder outputs
+    reseed_dead: bool = True  # re-seed codes unused since the last check from recent z of their group
     reseed_every: int = 50  # steps between dead-code checks
+    init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the initial z of the training queries
+    query_batch: int = 1024  # cached matched queries per step for the cheap losses (recon, codebook, modality)
 
 
 @dataclass
@@ -151,6 +157,7 @@ class LLMConfig:
     intermediate_size: int = 512  # tiny only
     vocab_size: int = 512  # tiny tokenizer's BPE vocabulary size (before code tokens)
     max_length: int = 256  # text tokens per sample (the image adds patch + region tokens)
+    tie_word_embeddings: bool = False  # tiny only (Qwen3-8B has an untied lm_head)
     separate_projectors: bool = False  # separate v->t projectors for patch and region tokens
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
@@ -172,7 +179,8 @@ class Stage3Config:
     align: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=100))
     ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # greedy decoding budget per answer
+    val_batches: Optional[int] = 2  # eval batches per split after each phase (None: the whole val split)
 
 
 # --------------------------------------------------------------------------------------- training

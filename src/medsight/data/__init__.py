@@ -16,3 +16,19 @@ task="instruct" (LLaVA conversation form with <mask> or code tokens, mask_orders
     image, modality, id as above; conversations: list[list[{"from", "value"}]];
     masks/mask_valid/labels as above but in `mask_orders` order (the i-th code <-> the i-th mask)
 """
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class DataError(ValueError):
+    """A dataset file or record is wrong; the message names the file and the field (also as attributes)."""
+
+    def __init__(self, message: str, path: Optional[str] = None, field: Optional[str] = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.field = field
+
+
+__all__ = ["DataError"]

@@ -1,0 +1,39 @@
+"""Models: vision backbones, the Region Perceiver, the stage-1 set-prediction loss, and loaders for the
+stage exports that later stages start from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torch import nn
+
+from medsight.models.backbones import VISION_BACKBONES, build_vision
+from medsight.models.perceiver import RegionPerceiver, build_perceiver
+
+
+def stage1_components(cfg: DictConfig) -> dict[str, nn.Module]:
+    """The stage-1 modules `vision` and `perceiver` built from `cfg` (used by stage 1 and by inspect)."""
+    vision = build_vision(cfg)
+    return {"vision": vision, "perceiver": build_perceiver(cfg, vision.out_dim)}
+
+
+def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, RegionPerceiver]:
+    """(vision, perceiver) from a stage-1 export, strictly loaded, frozen and in eval mode.
+
+    `cfg` must agree with the export on select_layer, perceiver dim, query count, image size and encoder
+    name (checked against meta.json); key or shape mismatches raise ExportError naming them.
+    """
+    from medsight.export import check_compatible, load_into, read_meta, require_export
+
+    export_dir = require_export(export_dir, "stage1")
+    check_compatible(read_meta(export_dir), cfg, export_dir)
+    comps = stage1_components(cfg)
+    for name, module in comps.items():
+        load_into(module, export_dir, name)
+        module.requires_grad_(False).eval()
+    return comps["vision"], comps["perceiver"]  # type: ignore[return-value]
+
+
+__all__ = ["VISION_BACKBONES", "build_vision", "RegionPerceiver", "build_perceiver", "stage1_components",
+           "load_stage1"]

@@ -1,0 +1,407 @@
+"""Region codes (SPEC section 4, "what the codebook is for"): the code token each ground-truth mask gets.
+
+For every image, its GT masks are matched to the frozen perceiver's N final region queries (Hungarian, the
+stage-1 cost); each matched query is quantised with the codebook of the image's modality group and named
+`[C{group}_{index}]`. Instruction and DiagSeg files are rewritten with every `<mask>` replaced by its code
+(in `mask_orders` / `mask_ids` order; a nested DiagSeg entry, the union of several masks, gets the code of the
+query that best matches the union mask under the same cost). Originals are never touched. A report says how
+consistent the codes are per class (the paper's semantic-consistency analysis: top-3 codes per class).
+
+    python -m medsight.codes --export checkpoints/default/stage2/export --data data/synthetic --out DIR
+        [--stage1 checkpoints/default/stage1/export] [key=value ...]      (about a minute on a CPU)
+
+`make stage2` runs the same assignment at its end (into checkpoints/<run>/stage2/coded/), reusing the
+perceiver outputs it computed once for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from medsight.data.readers import MASK_TOKEN, SPLITS, Sample
+from medsight.vocab import CLASSES, code_token
+
+log = logging.getLogger("medsight")
+
+KINDS = ("instruct", "diagseg")  # rewritten record sets
+
+
+# ------------------------------------------------------------------------------ frozen region outputs
+@dataclass
+class Regions:
+    """What stage 2 and code assignment need from the frozen encoder + perceiver for one image.
+
+    Targets are the image's GT masks (single masks, Hungarian-matched jointly) followed by union targets
+    (several masks merged, each matched to its best query on its own). Row i of `queries` is the final region
+    query matched to target i."""
+
+    image: str  # image path: the key used by instruction records
+    id: str
+    group: int  # modality group (ground truth)
+    split: str
+    pooled: Tensor  # (D_enc,) encoder pooled feature (modality head input)
+    queries: Tensor  # (T, d) matched final region query per target
+    pred_idx: Tensor  # (T,) which of the N queries was matched
+    labels: Tensor  # (T,) class id per target (0: not given)
+    ann_ids: list[str]  # per target; unions are "a+b"
+    is_union: Tensor  # (T,) bool
+    feats: Optional[Tensor] = None  # (H', W', D_enc) patch features (kept for training/validation splits)
+    masks: Optional[Tensor] = None  # (T, S, S) bool targets (kept for training/validation splits)
+
+    @property
+    def num_single(self) -> int:
+        return int((~self.is_union).sum())
+
+
+def _union_cost(pred_logits: Tensor, pred_masks: Tensor, label: int, target: Tensor, w: Mapping[str, float]) -> Tensor:
+    """Matching cost (stage-1 weights) of every query against one target mask: (N,)."""
+    from medsight.models.matching import flatten_for_loss, pairwise_bce, pairwise_dice
+
+    x, t = flatten_for_loss(pred_masks[None], target[None, None].float())  # (1, N, P), (1, 1, P)
+    cost = w["bce"] * pairwise_bce(x[0].float(), t[0]) + w["dice"] * pairwise_dice(x[0].float(), t[0])
+    if label > 0:
+        cost = cost - w["class"] * pred_logits.float().softmax(-1)[:, label : label + 1]
+    return cost[:, 0]
+
+
+@torch.no_grad()
+def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dict], weights: Mapping[str, float],
+                   keep_splits: Sequence[str] = ("train", "val"), metric: Any = None, device: Any = "cpu",
+                   autocast: bool = False) -> list[Regions]:
+    """Run the frozen encoder + perceiver once over `loader` (segmentation batches plus keys `image_path`,
+    `split`, `is_union`), Hungarian-match each image's single GT masks to the N queries (unions: best query),
+    and keep the matched queries. `metric` (MaskDice), when given, is updated with the continuous masks of the
+    validation split (the `val/dice_continuous` reference)."""
+    from medsight.models.matching import hungarian_match
+
+    out: list[Regions] = []
+    for batch in loader:
+        images = batch["image"].to(device)
+        with torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=torch.bfloat16, enabled=autocast):
+            feats, pooled = vision(images)  # (B, H', W', D), (B, D)
+            pred = perceiver(feats)
+        feats, pooled = feats.float(), pooled.float()
+        pred_masks, pred_logits = pred["pred_masks"].float(), pred["pred_logits"].float()
+        masks, valid, labels = batch["masks"].to(device), batch["mask_valid"].to(device), batch["labels"].to(device)
+        union = torch.zeros_like(valid)
+        for b, u in enumerate(batch["is_union"]):
+            union[b, : len(u)] = torch.as_tensor(u, dtype=torch.bool)
+        single = valid & ~union
+        w = dict(weights)
+        if bool((labels[single] <= 0).any()):  # some class not given: match on the masks alone
+            w["class"] = 0.0
+        matches = hungarian_match(pred_logits, pred_masks, labels.clamp_min(0), masks, single, w)
+        if metric is not None:
+            is_val = torch.tensor([s == "val" for s in batch["split"]], device=device)
+            if bool(is_val.any()):
+                idx = is_val.nonzero().flatten()
+                metric.update(pred_masks[idx], [matches[int(i)] for i in idx], masks[idx], single[idx],
+                              labels[idx], batch["modality"][idx.cpu()].to(device))
+        for b in range(images.shape[0]):
+            n = int(valid[b].sum())
+            pred_idx = torch.full((n,), -1, dtype=torch.long)
+            p, g = matches[b]
+            pred_idx[g] = p
+            for t in union[b, :n].nonzero().flatten().tolist():
+                cost = _union_cost(pred_logits[b], pred_masks[b], int(labels[b, t]), masks[b, t], w)
+                pred_idx[t] = int(cost.argmin())
+            keep = batch["split"][b] in keep_splits
+            out.append(Regions(
+                image=batch["image_path"][b], id=batch["id"][b], group=int(batch["modality"][b]),
+                split=batch["split"][b], pooled=pooled[b].cpu(), queries=pred["queries"][b, pred_idx].float().cpu(),
+                pred_idx=pred_idx, labels=labels[b, :n].cpu(), ann_ids=list(batch["ann_ids"][b][:n]),
+                is_union=union[b, :n].cpu(),
+                feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
+    return out
+
+
+# ------------------------------------------------------------------------------------ which targets
+def read_records(dm: Any, kinds: Sequence[str] = KINDS) -> dict[tuple[str, str], list[Sample]]:
+    """Parsed instruction / DiagSeg records per (kind, split) through the data layer's readers (missing
+    files are skipped with a note)."""
+    from medsight.data.readers import read_conversations, read_diagseg
+
+    out = {}
+    for kind in kinds:
+        reader = {"instruct": read_conversations, "diagseg": read_diagseg}[kind]
+        for split in SPLITS:
+            f = dm.path_of(kind) / f"{split}.json"
+            if not f.is_file():
+                log.info("codes: no %s, skipped", f)
+                continue
+            out[(kind, split)] = reader(f, dm.groups, None, dm.policy)
+    return out
+
+
+def region_samples(dm: Any, records: Mapping[tuple[str, str], list[Sample]], use_segmentation: bool = True
+                   ) -> list[Sample]:
+    """One sample per image whose targets are all its GT masks (from the segmentation records when the data
+    has them, so matching sees the same masks as in training) plus every mask or union referenced by an
+    instruction/DiagSeg record and missing there. `extra` holds split and union flags."""
+    from medsight.data.readers import read_biomedparse
+
+    by_image: dict[str, Sample] = {}
+    meta = dm.path_of("biomedparse")
+    if use_segmentation and meta.is_file():
+        for split in SPLITS:
+            for s in read_biomedparse(meta, split, dm.groups, float(dm.cfg.data.val_fraction), dm.policy):
+                s.image = os.path.normpath(s.image)
+                s.extra = {**s.extra, "split": split}
+                by_image[s.image] = s
+    for (_, split), recs in records.items():
+        for r in recs:
+            key = os.path.normpath(r.image)
+            s = by_image.get(key)
+            if s is None:
+                s = by_image[key] = Sample(id=Path(key).stem, image=key, modality=r.modality, case=r.case,
+                                           source=r.source, extra={"split": f"{split}-coded"})
+            have = set(s.ann_ids)
+            for files, label, aid in zip(r.masks, r.labels, r.ann_ids):
+                if aid not in have:
+                    s.masks.append(tuple(files))
+                    s.labels.append(int(label))
+                    s.ann_ids.append(aid)
+                    have.add(aid)
+    for s in by_image.values():
+        s.extra["is_union"] = ["+" in a for a in s.ann_ids]
+    return list(by_image.values())
+
+
+def region_loader(dm: Any, samples: list[Sample], batch_size: int) -> torch.utils.data.DataLoader:
+    """Batches of `samples` through the DataModule's transforms (no augmentation, no mask cap), sorted by
+    number of targets; batches carry `image_path`, `split` and `is_union` too."""
+    from medsight.data.datamodule import MedicalDataset, collate, split_transform
+
+    samples = sorted(samples, key=lambda s: len(s.masks))
+    ds = MedicalDataset(samples, "segmentation", "val", dm.store, split_transform(dm.cfg, "segmentation", "val"),
+                        dm.policy, max_masks=None)
+
+    class _WithKeys(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ds)
+
+        def __getitem__(self, i: int) -> Optional[dict]:
+            item = ds[i]
+            if item is not None:
+                s = ds.samples[i]
+                item.update(image_path=s.image, split=s.extra["split"], is_union=s.extra["is_union"])
+            return item
+
+    return torch.utils.data.DataLoader(_WithKeys(), batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+# -------------------------------------------------------------------------------------- assignment
+@torch.no_grad()
+def assign_codes(quantizer: nn.Module, regions: Sequence[Regions], route: str = "ground_truth"
+                 ) -> dict[tuple[str, str], tuple[int, int]]:
+    """(image path, ann_id) -> (group, code) for every target. route: "ground_truth" (the record's modality
+    group) or "predicted" (the modality head on the pooled feature)."""
+    quantizer.eval()
+    rows = [(r, i) for r in regions for i in range(len(r.ann_ids))]
+    if not rows:
+        return {}
+    dev = next(quantizer.parameters()).device
+    queries = torch.stack([r.queries[i] for r, i in rows]).to(dev)  # (T, d)
+    if route == "predicted":
+        pooled = torch.stack([r.pooled for r in regions]).to(dev)
+        pred = dict(zip([id(r) for r in regions], quantizer.predict_modality(pooled).argmax(-1).tolist()))
+        groups = torch.tensor([pred[id(r)] for r, _ in rows], device=dev)
+    else:
+        groups = torch.tensor([r.group for r, _ in rows], device=dev)
+    codes = quantizer.quantize(queries, groups).codes.tolist()
+    return {(r.image, r.ann_ids[i]): (int(g), int(c)) for (r, i), g, c in zip(rows, groups.tolist(), codes)}
+
+
+def _replace_masks(text: str, tokens: list[str], pos: int) -> tuple[str, int]:
+    parts = text.split(MASK_TOKEN)
+    out = parts[0]
+    for p in parts[1:]:
+        out += tokens[pos] + p
+        pos += 1
+    return out, pos
+
+
+def code_record(kind: str, row: dict, rec: Sample, assignment: Mapping[tuple[str, str], tuple[int, int]]) -> dict:
+    """A copy of one raw record with every `<mask>` replaced by its code token (in mask order) and a `codes`
+    list added."""
+    image = os.path.normpath(rec.image)
+    tokens = [code_token(*assignment[(image, a)]) for a in rec.ann_ids]
+    row = copy.deepcopy(row)
+    pos = 0
+    if kind == "instruct":
+        for turn in row["conversations"]:
+            if turn.get("from") != "human":
+                turn["value"], pos = _replace_masks(turn["value"], tokens, pos)
+    else:
+        row["answer"], pos = _replace_masks(row["answer"], tokens, pos)
+    assert pos == len(tokens), f"record {rec.id}: {pos} <mask> replaced but {len(tokens)} codes"
+    row["codes"] = tokens
+    return row
+
+
+def write_coded(dm: Any, records: Mapping[tuple[str, str], list[Sample]],
+                assignment: Mapping[tuple[str, str], tuple[int, int]], out_dir: Path | str) -> dict[str, int]:
+    """Write `<out_dir>/{instruct,diagseg}/{split}.json`, the records with codes (raw fields kept). Records the
+    reader dropped (data.on_error=skip) are left out. Returns {"<kind>/<split>": records written}."""
+    out_dir = Path(out_dir)
+    counts = {}
+    for (kind, split), recs in records.items():
+        src = dm.path_of(kind) / f"{split}.json"
+        raw = json.loads(src.read_text())
+        key = "id" if kind == "instruct" else "qa_id"
+        by_id = {r.id: r for r in recs}
+        rows = [code_record(kind, row, by_id[str(row[key])], assignment) for row in raw if str(row.get(key)) in by_id]
+        (out_dir / kind).mkdir(parents=True, exist_ok=True)
+        (out_dir / kind / f"{split}.json").write_text(json.dumps(rows, indent=0))
+        counts[f"{kind}/{split}"] = len(rows)
+    return counts
+
+
+# ------------------------------------------------------------------------------------- consistency
+def consistency_report(regions: Sequence[Regions], assignment: Mapping[tuple[str, str], tuple[int, int]],
+                       group_names: Sequence[str], top: int = 3) -> dict[str, Any]:
+    """Per class (single GT masks with a known class, each counted once): how many masks, how many distinct
+    codes, and the top-`top` codes with their share (the paper: liver/kidney codes concentrate in a few)."""
+    per_class: dict[int, Counter] = defaultdict(Counter)
+    groups_of: dict[int, Counter] = defaultdict(Counter)
+    for r in regions:
+        for i, a in enumerate(r.ann_ids):
+            label = int(r.labels[i])
+            if bool(r.is_union[i]) or label <= 0 or (r.image, a) not in assignment:
+                continue
+            g, c = assignment[(r.image, a)]
+            per_class[label][code_token(g, c)] += 1
+            groups_of[label][group_names[g]] += 1
+    classes = {}
+    for label in sorted(per_class):
+        cnt = per_class[label]
+        n = sum(cnt.values())
+        tops = [{"code": t, "count": k, "share": k / n} for t, k in cnt.most_common(top)]
+        classes[CLASSES.get(label, str(label))] = {
+            "class_id": label, "masks": n, "distinct_codes": len(cnt), "groups": dict(groups_of[label]),
+            "top": tops, "top_share": sum(t["share"] for t in tops),
+        }
+    shares = [c["top_share"] for c in classes.values()]
+    return {"top_k": top, "classes": classes,
+            "mean_top_share": sum(shares) / len(shares) if shares else 0.0,
+            "note": "each GT mask counted once over all splits; top_share = fraction of a class's masks that get "
+                    "one of its top-k codes"}
+
+
+def plot_consistency(report: Mapping[str, Any], path: Path | str) -> Path:
+    """Stacked bar chart: per class, the shares of its top-k codes (labelled) and of all other codes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["classes"])
+    k = int(report["top_k"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.5))
+    colors = plt.get_cmap("tab10").colors
+    bottom = [0.0] * len(names)
+    for j in range(k):
+        vals, labels = [], []
+        for n in names:
+            tops = report["classes"][n]["top"]
+            vals.append(tops[j]["share"] if j < len(tops) else 0.0)
+            labels.append(tops[j]["code"] if j < len(tops) else "")
+        bars = ax.bar(names, vals, bottom=bottom, color=colors[j % 10], label=f"top-{j + 1} code")
+        for b, v, lab in zip(bars, vals, labels):
+            if v >= 0.06:
+                ax.text(b.get_x() + b.get_width() / 2, b.get_y() + v / 2, lab, ha="center", va="center", fontsize=6)
+        bottom = [x + v for x, v in zip(bottom, vals)]
+    ax.bar(names, [1 - x for x in bottom], bottom=bottom, color="0.85", label="other codes")
+    for i, n in enumerate(names):
+        ax.text(i, 1.01, f"n={report['classes'][n]['masks']}", ha="center", va="bottom", fontsize=6)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("share of the class's masks")
+    ax.set_title(f"Region-code consistency per class (top-{k} codes)")
+    ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_assignment(dm: Any, quantizer: nn.Module, regions: Sequence[Regions],
+                   records: Mapping[tuple[str, str], list[Sample]], out_dir: Path | str) -> dict[str, Any]:
+    """Assign codes, write the coded files and the consistency report (JSON + PNG) into `out_dir`."""
+    out_dir = Path(out_dir)
+    assignment = assign_codes(quantizer, regions)
+    counts = write_coded(dm, records, assignment, out_dir)
+    report = consistency_report(regions, assignment, list(dm.groups))
+    report["files"] = counts
+    (out_dir / "code_consistency.json").write_text(json.dumps(report, indent=2))
+    plot_consistency(report, out_dir / "code_consistency.png")
+    return report
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="Assign region codes to instruction / DiagSeg data.")
+    ap.add_argument("--export", required=True, help="stage-2 export directory")
+    ap.add_argument("--stage1", default=None, help="stage-1 export (default: the one stage 2 was trained from)")
+    ap.add_argument("--data", default=None, help="dataset root (default: the stage-2 config's data.root)")
+    ap.add_argument("--out", required=True, help="output folder for instruct/, diagseg/ and the report")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("overrides", nargs="*", help="data.* key=value overrides (format, instruct, diagseg, ...)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    from medsight.config import from_dict, offline_env, to_dict
+    from medsight.data.datamodule import MedicalDataModule
+    from medsight.export import read_meta, require_export
+    from medsight.models import load_stage1
+    from medsight.models.codebook import load_quantizer
+    from medsight.models.matching import loss_weights
+    from medsight.train import setup_logging
+
+    offline_env()
+    setup_logging()
+    torch.set_flush_denormal(True)
+    export = require_export(args.export, "stage2")
+    quantizer, cfg = load_quantizer(export)
+    quantizer.eval()
+    d = to_dict(cfg)
+    if args.data:
+        d["data"]["root"] = args.data
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cfg = from_dict(d)
+    stage1 = args.stage1 or read_meta(export).get("stage1_export")
+    vision, perceiver = load_stage1(stage1, cfg)
+    dm = MedicalDataModule(cfg, "instruct")
+    records = read_records(dm)
+    samples = region_samples(dm, records)
+    loader = region_loader(dm, samples, args.batch_size or int(cfg.data.eval_batch_size))
+    regions = encode_regions(vision, perceiver, loader, loss_weights(cfg.loss), keep_splits=())
+    report = run_assignment(dm, quantizer, regions, records, args.out)
+    log.info("codes: wrote %s into %s; mean top-%d share %.3f", report["files"], args.out, report["top_k"],
+             report["mean_top_share"])
+    return report
+
+
+__all__ = ["Regions", "encode_regions", "read_records", "region_samples", "region_loader", "assign_codes",
+           "code_record", "write_coded", "consistency_report", "plot_consistency", "run_assignment", "main"]
+
+if __name__ == "__main__":
+    main()

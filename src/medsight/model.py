@@ -1,0 +1,175 @@
+"""Inference: `medsight.load(export_dir)` -> `MedSight`, whose `answer(image, question)` returns the text and
+one mask per emitted region code (SPEC section 5), plus the export format of the joint model.
+
+A stage-3 export directory (`checkpoints/<run>/stage3/export/`) holds:
+- `vision.safetensors`, `perceiver.safetensors` (stage 1, frozen), `projector_v2t.safetensors`,
+  `projector_t2v.safetensors`, `llm.safetensors` (the causal LM incl. the resized embeddings; with LoRA the
+  base weights) and with LoRA `llm_adapter.safetensors` (LoRA weights + code-token embedding rows + lm_head),
+- `llm/config.json` (the causal LM's Hugging Face config), `tokenizer/` (with code tokens and chat template),
+- `config.yaml` and `meta.json` (code tokens, LoRA settings, phases trained).
+Loading needs none of the training code (no Lightning) and is strict: a missing or unexpected key fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from medsight.export import load_component, load_into, read_export_config, read_meta, save_export
+from medsight.models.joint import MedSightLM, apply_lora
+from medsight.vocab import CLASSES
+
+log = logging.getLogger("medsight")
+
+
+# ------------------------------------------------------------------------------------- building
+def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Module, code_tokens: list[str],
+                tokenizer_dir: Optional[Path | str] = None, llm_config_dir: Optional[Path | str] = None) -> MedSightLM:
+    """The joint model around frozen stage-1 modules. The LLM comes from its backbone factory, or, when
+    `llm_config_dir` is given (an export), from that saved Hugging Face config (weights loaded after)."""
+    from medsight.models.llm import _prepare_tokenizer, add_code_tokens, build_llm, load_tokenizer
+
+    if llm_config_dir is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        trc = bool(cfg.llm.trust_remote_code)
+        config = AutoConfig.from_pretrained(str(llm_config_dir), local_files_only=True, trust_remote_code=trc)
+        llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trc)
+        tok = _prepare_tokenizer(load_tokenizer(tokenizer_dir, trc))
+    else:
+        llm, tok = build_llm(cfg, tokenizer_dir)
+    code_ids = add_code_tokens(llm, tok, code_tokens)
+    for m in (vision, perceiver):
+        m.requires_grad_(False).eval()
+    model = MedSightLM(vision, perceiver, llm, tok, code_tokens, code_ids, d_enc=vision.out_dim, d_perc=cfg.perceiver.dim,
+                       separate_projectors=cfg.llm.separate_projectors, mask_loss_weight=cfg.llm.mask_loss_weight,
+                       max_length=cfg.llm.max_length)
+    if cfg.llm.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra_meta: Optional[dict] = None) -> Path:
+    """Write the joint model as an export directory (see the module docstring)."""
+    export_dir = Path(export_dir)
+    comps: dict[str, Any] = {"vision": model.vision, "perceiver": model.perceiver,
+                             "projector_v2t": model.projector_v2t, "projector_t2v": model.projector_t2v}
+    comps.update(model.llm_state())
+    lora = None
+    if hasattr(model.llm, "peft_config"):
+        pc = model.llm.peft_config["default"]
+        lora = {"r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout, "target_modules": sorted(pc.target_modules)}
+    meta = {"code_tokens": model.code_tokens, "code_ids": model.code_ids.tolist(), "lora": lora,
+            "llm": cfg.llm.name, "hidden_size": model.causal_lm().config.hidden_size}
+    meta.update(extra_meta or {})
+    save_export(export_dir, cfg, comps, meta)
+    model.causal_lm().config.save_pretrained(str(export_dir / "llm"))
+    model.tokenizer.save_pretrained(str(export_dir / "tokenizer"))
+    return export_dir
+
+
+def load_joint(export_dir: Path | str, device: str = "cpu") -> tuple[MedSightLM, DictConfig, dict]:
+    """(model, config, meta) from a joint export, every component strictly loaded."""
+    from medsight.models import stage1_components
+
+    export_dir = Path(export_dir)
+    meta, cfg = read_meta(export_dir), read_export_config(export_dir)
+    if "code_tokens" not in meta or not (export_dir / "llm").is_dir():
+        raise FileNotFoundError(f"{export_dir} is not a stage-3 (joint model) export")
+    comps = stage1_components(cfg)
+    for name, module in comps.items():
+        load_into(module, export_dir, name)
+    model = build_joint(cfg, comps["vision"], comps["perceiver"], meta["code_tokens"], export_dir / "tokenizer",
+                        export_dir / "llm")
+    if model.code_ids.tolist() != meta["code_ids"]:
+        raise RuntimeError(f"{export_dir}: the tokenizer's code-token ids differ from meta.json's")
+    load_into(model.projector_v2t, export_dir, "projector_v2t")
+    load_into(model.projector_t2v, export_dir, "projector_t2v")
+    load_into(model.llm, export_dir, "llm")
+    if meta.get("lora"):
+        lo = meta["lora"]
+        apply_lora(model, lo["r"], lo["alpha"], lo["dropout"], lo["target_modules"])
+        model.load_adapter_state(load_component(export_dir, "llm_adapter"))
+    model.requires_grad_(False)
+    return model.to(device).eval(), cfg, meta
+
+
+# ------------------------------------------------------------------------------------ inference
+def preprocess(images: Sequence[np.ndarray], image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> (B, 3, S, S) CLIP-normalised, exactly as the DataModule does it (MONAI
+    bilinear resize with anti-aliasing, rounded to uint8, /255, channel-wise mean/std)."""
+    from monai.transforms import Resize
+
+    resize = Resize((image_size, image_size), mode="bilinear", anti_aliasing=True)
+    out = []
+    for img in images:
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        if img.ndim != 3 or img.shape[-1] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {img.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()  # (3, H, W)
+        x = resize(x)
+        x = torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x).round().clamp(0, 255) / 255.0
+        m = torch.tensor(list(mean)).view(3, 1, 1)
+        s = torch.tensor(list(std)).view(3, 1, 1)
+        out.append((x - m) / s)
+    return torch.stack(out)
+
+
+class MedSight:
+    """The final model for inference (greedy decoding; deterministic)."""
+
+    def __init__(self, model: MedSightLM, cfg: DictConfig, meta: dict, device: str = "cpu") -> None:
+        self.model, self.cfg, self.meta, self.device = model, cfg, meta, device
+        self.max_new_tokens = int(cfg.stage3.max_new_tokens)
+
+    @classmethod
+    def load(cls, export_dir: Path | str, device: str = "cpu") -> "MedSight":
+        model, cfg, meta = load_joint(export_dir, device)
+        return cls(model, cfg, meta, device)
+
+    def answer(self, image: np.ndarray, question: str) -> dict[str, Any]:
+        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score"}]}."""
+        return self.answer_batch([image], [question])[0]
+
+    @torch.no_grad()
+    def answer_batch(self, images: Sequence[np.ndarray], questions: Sequence[str], batch_size: int = 16) -> list[dict]:
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        out: list[dict] = []
+        for i in range(0, len(images), batch_size):
+            imgs, qs = list(images[i:i + batch_size]), list(questions[i:i + batch_size])
+            x = preprocess(imgs, self.cfg.data.image_size, self.cfg.data.mean, self.cfg.data.std).to(self.device)
+            feats, regions = self.model.encode_images(x)
+            convs = [[{"from": "human", "value": q if "<image>" in q else "<image>\n" + q}] for q in qs]
+            preds = self.model.predict(feats, regions, convs, self.max_new_tokens)
+            for img, p in zip(imgs, preds):
+                out.append({"text": p.text, "regions": regions_of(p, np.asarray(img).shape[:2])})
+        return out
+
+
+def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Per emitted code: mask at `size` (bilinear logits, > 0), mean probability inside it, class name from the
+    perceiver's class head (argmax over real classes: neither background nor "no object")."""
+    if not pred.codes:
+        return []
+    logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    probs = logits.sigmoid()
+    cls = pred.class_logits[:, 1:-1].argmax(-1) + 1  # (M,)
+    regions = []
+    for j, code in enumerate(pred.codes):
+        mask = logits[j] > 0
+        score = float(probs[j][mask].mean()) if mask.any() else 0.0
+        regions.append({"code": code, "class_name": CLASSES.get(int(cls[j])), "mask": mask.cpu().numpy(),
+                        "score": score})
+    return regions
+
+
+__all__ = ["MedSight", "build_joint", "save_joint", "load_joint", "preprocess", "regions_of"]

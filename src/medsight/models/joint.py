@@ -1,0 +1,486 @@
+"""The joint model (SPEC sections 1 and 5): frozen vision encoder + frozen Region Perceiver, the v->t and t->v
+projectors, and a causal LM whose vocabulary holds the region-code tokens.
+
+Sequence: Qwen chat markup; the `<image>` placeholder in the first user turn expands to [patch tokens;
+region tokens] through the v->t projector. Batches are LEFT padded everywhere (training, generation and the
+teacher-forced re-forward), with position ids = cumulative attention mask - 1, so a token sees the same
+positions whichever way it is batched. Only assistant turns (content + end-of-turn token) are supervised.
+
+The one position rule (training AND inference): a code token's mask comes from the final-layer hidden state
+at the position where that code token is the INPUT (its own position). Inference generates greedily, then
+runs ONE teacher-forced forward over prompt + answer and reads the states there (`predict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsight.models.llm import IMAGE_TOKEN, SYSTEM_PROMPT
+from medsight.models.projectors import TextToVision, VisionToText
+
+IGNORE = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+# ------------------------------------------------------------------------------------- text side
+def to_messages(conversation: list[dict], system: Optional[str] = SYSTEM_PROMPT) -> list[dict]:
+    """LLaVA turns [{"from": "human"|"gpt", "value"}] -> chat messages with a system prompt."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for turn in conversation:
+        role = ROLES.get(turn.get("from", turn.get("role")))
+        if role is None:
+            raise ValueError(f"conversation turn with unknown speaker {turn.get('from')!r}")
+        msgs.append({"role": role, "content": turn.get("value", turn.get("content"))})
+    return msgs
+
+
+def encode_conversation(tokenizer, conversation: list[dict], generation_prompt: bool = False,
+                        max_length: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation rendered with the tokenizer's chat template. Labels keep the
+    tokens of assistant contents plus the end-of-turn token that follows each; everything else is -100.
+    `generation_prompt=True` renders the prompt for the next assistant turn (no labels needed)."""
+    msgs = to_messages(conversation)
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    spans, pos = [], 0
+    for m in msgs:
+        start = text.find(m["content"], pos)
+        if start < 0:
+            raise ValueError(f"chat template dropped a message: {m['content'][:60]!r}")
+        pos = start + len(m["content"])
+        if m["role"] == "assistant":
+            spans.append((start, pos))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    specials = set(tokenizer.all_special_ids)
+    for a, b in spans:
+        inside = [j for j, (s, e) in enumerate(offsets) if s < b and e > a]
+        for j in inside:
+            labels[j] = ids[j]
+        nxt = (inside[-1] + 1) if inside else next((j for j, (s, _) in enumerate(offsets) if s >= b), len(ids))
+        if nxt < len(ids) and ids[nxt] in specials:  # the end-of-turn token (<|im_end|>, <|eot_id|>)
+            labels[nxt] = ids[nxt]
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
+
+
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) left-padded ids and attention mask."""
+    t = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, t - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, t - len(s):] = 1
+    return ids, mask
+
+
+# -------------------------------------------------------------------------------------- mask loss
+def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair Dice and BCE (n, H, W) -> (n,), (n,); an empty target contributes 0 to both (SPEC 5)."""
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1)
+    dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits.flatten(1), t, reduction="none").mean(-1)
+    nonempty = (t.sum(-1) > 0).to(logits.dtype)
+    return dice * nonempty, bce * nonempty
+
+
+def dice_score(pred: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Dice of binary masks (..., H, W) -> (...,), (2|P&G| + eps) / (|P| + |G| + eps) (SPEC section 7)."""
+    p, g = pred.flatten(-2).float(), gt.flatten(-2).float()
+    return (2 * (p * g).sum(-1) + eps) / (p.sum(-1) + g.sum(-1) + eps)
+
+
+# ------------------------------------------------------------------------------------ joint model
+@dataclass
+class Prediction:
+    """One answer: generated text and ids, and per emitted code its name, mask logits and class logits."""
+
+    text: str
+    token_ids: list[int]
+    codes: list[str]
+    mask_logits: torch.Tensor  # (M, h, w)
+    class_logits: torch.Tensor  # (M, C + 1)
+
+
+class MedSightLM(nn.Module):
+    """Vision encoder + Region Perceiver (both frozen) + projectors + causal LM with code tokens.
+
+    Submodule names are the export's component names: `vision`, `perceiver`, `projector_v2t`,
+    `projector_t2v`, `llm`.
+    """
+
+    def __init__(self, vision: nn.Module, perceiver: nn.Module, llm: nn.Module, tokenizer, code_tokens: list[str],
+                 code_ids: list[int], d_enc: int, d_perc: int, separate_projectors: bool = False,
+                 mask_loss_weight: float = 1.0, max_length: Optional[int] = None) -> None:
+        super().__init__()
+        hidden = llm.config.hidden_size
+        self.vision, self.perceiver, self.llm = vision, perceiver, llm
+        self.projector_v2t = VisionToText(d_enc, d_perc, hidden, separate=separate_projectors)
+        self.projector_t2v = TextToVision(hidden, d_perc)
+        self.tokenizer = tokenizer
+        self.code_tokens = list(code_tokens)
+        self.mask_loss_weight = mask_loss_weight
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
+        self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
+        self._row_hooks: list[Any] = []
+        self._row_params: list[nn.Parameter] = []
+        self._tok_cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    # ----------------------------------------------------------------------------- pieces
+    def causal_lm(self) -> nn.Module:
+        """The Hugging Face causal LM (through a peft wrapper when LoRA is on)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def is_code(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(ids, self.code_ids)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen stage-1 outputs: patch features (B, H', W', D) and region tokens (B, N, d)."""
+        feats, _ = self.vision(images)
+        regions = self.perceiver(feats)["queries"]
+        return feats, regions
+
+    def image_embeddings(self, feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """[patch tokens; region tokens] in LLM space (B, P + R, h)."""
+        return self.projector_v2t(feats.flatten(1, 2), regions)
+
+    def tokenize(self, conversations: list[list[dict]], generation_prompt: bool = False) -> dict[str, torch.Tensor]:
+        """Left-padded input_ids, attention_mask, labels for a list of conversations (memoised per text)."""
+        seqs, labs = [], []
+        for conv in conversations:
+            key = repr((conv, generation_prompt))
+            if key not in self._tok_cache:
+                self._tok_cache[key] = encode_conversation(self.tokenizer, conv, generation_prompt, self.max_length)
+            ids, lab = self._tok_cache[key]
+            seqs.append(ids)
+            labs.append(lab)
+        ids, mask = left_pad(seqs, self.tokenizer.pad_token_id)
+        labels, _ = left_pad(labs, IGNORE)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
+                     labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Expand each sample's single `<image>` id into its P + R image embeddings, keeping left padding.
+
+        Returns inputs_embeds (B, L, h), attention_mask (B, L), position_ids (B, L), labels (B, L) and
+        token_ids (B, L) (-1 at image positions, pad id on padding)."""
+        b, t = input_ids.shape
+        k = image_embeds.shape[1]
+        is_img = input_ids == self.image_token_id  # (B, T)
+        if (is_img.sum(1) > 1).any():
+            raise ValueError("each sample may hold one <image> placeholder")
+        width = torch.where(is_img, k, 1)
+        ends = width.cumsum(1)  # (B, T) exclusive end in the expanded sequence
+        length = int(ends[:, -1].max()) if t else 0
+        starts = ends - width + (length - ends[:, -1:])  # shift right: left padding
+        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids)  # (B, T, h)
+        embeds = tok_embeds.new_zeros(b, length, tok_embeds.shape[-1])
+        mask = attention_mask.new_zeros(b, length)
+        out_labels = input_ids.new_full((b, length), IGNORE)
+        token_ids = input_ids.new_full((b, length), self.tokenizer.pad_token_id if self.tokenizer else 0)
+        bi, ti = (~is_img).nonzero(as_tuple=True)
+        pos = starts[bi, ti]
+        embeds[bi, pos] = tok_embeds[bi, ti]
+        mask[bi, pos] = attention_mask[bi, ti]
+        token_ids[bi, pos] = input_ids[bi, ti]
+        if labels is not None:
+            out_labels[bi, pos] = labels[bi, ti]
+        bi, ti = is_img.nonzero(as_tuple=True)
+        if len(bi):
+            pos = starts[bi, ti, None] + torch.arange(k, device=input_ids.device)  # (n, K)
+            embeds[bi[:, None], pos] = image_embeds[bi].to(embeds.dtype)
+            mask[bi[:, None], pos] = 1
+            token_ids[bi[:, None], pos] = -1
+        position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids,
+                "labels": out_labels, "token_ids": token_ids}
+
+    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final-layer hidden states (B, L, h) (after the final norm, as the lm_head sees them)."""
+        out = self.causal_lm().model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                                     position_ids=inputs["position_ids"], use_cache=False)
+        return out.last_hidden_state
+
+    def code_states(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states at each code token's own position, in order: (B, M, h), validity (B, M) and the code
+        ids (B, M) (M = most codes in any sample; samples may have none)."""
+        is_code = self.is_code(token_ids)  # (B, L)
+        counts = is_code.sum(1)
+        m = int(counts.max()) if is_code.numel() else 0
+        b = hidden.shape[0]
+        states = hidden.new_zeros(b, m, hidden.shape[-1])
+        valid = torch.zeros(b, m, dtype=torch.bool, device=hidden.device)
+        ids = token_ids.new_full((b, m), -1)
+        bi, ti = is_code.nonzero(as_tuple=True)
+        rank = (is_code.cumsum(1) - 1)[bi, ti]
+        states[bi, rank] = hidden[bi, ti]
+        valid[bi, rank] = True
+        ids[bi, rank] = token_ids[bi, ti]
+        return states, valid, ids
+
+    def decode_masks(self, states: torch.Tensor, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Code hidden states (B, M, h) -> t->v -> perceiver decode on each image's features:
+        pred_masks (B, M, h', w') logits and pred_logits (B, M, C + 1)."""
+        queries = self.projector_t2v(states)  # (B, M, d)
+        out = self.perceiver(feats.to(queries.dtype), queries=queries)
+        return {"pred_masks": out["pred_masks"], "pred_logits": out["pred_logits"]}
+
+    # ----------------------------------------------------------------------------- training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                feats: torch.Tensor, regions: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                mask_valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Teacher-forced loss: CE over supervised tokens + mask_loss_weight x (Dice + BCE) of the masks
+        decoded at code positions, the i-th code paired with the i-th mask of `mask_orders`."""
+        inputs = self.build_inputs(input_ids, attention_mask, self.image_embeddings(feats, regions), labels)
+        hidden = self.hidden_states(inputs)  # (B, L, h)
+        target = inputs["labels"][:, 1:]
+        sel = target != IGNORE
+        logits = self.causal_lm().get_output_embeddings()(hidden[:, :-1][sel])  # (n, V) supervised only
+        tgt = target[sel]
+        ce = F.cross_entropy(logits.float(), tgt) if len(tgt) else hidden.sum() * 0
+        out = {"ce": ce}
+        with torch.no_grad():
+            hit = logits.argmax(-1) == tgt
+            code = self.is_code(tgt)
+            out["token_acc"] = hit.float().mean() if len(tgt) else ce.new_zeros(())
+            out["code_correct"], out["code_total"] = (hit & code).sum(), code.sum()
+        mask_loss = ce.new_zeros(())
+        if masks is not None and mask_valid is not None and masks.shape[1] > 0:
+            states, valid, _ = self.code_states(hidden, inputs["token_ids"])
+            m = min(states.shape[1], masks.shape[1])
+            pair = valid[:, :m] & mask_valid[:, :m]  # (B, m) code i <-> mask i
+            rows = pair.any(1)
+            if pair.any():
+                dec = self.decode_masks(states[rows, :m], feats[rows])["pred_masks"]  # (b, m, h', w')
+                gt = masks[rows, :m].to(dec.dtype)
+                if gt.shape[-2:] != dec.shape[-2:]:
+                    dec = F.interpolate(dec, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+                p = pair[rows]
+                dice, bce = dice_bce(dec[p], gt[p])
+                mask_loss = (dice + bce).mean()
+                out["mask_dice"] = dice_score(dec[p].detach() > 0, gt[p] > 0.5).mean()
+        if not torch.is_tensor(mask_loss) or mask_loss.grad_fn is None:
+            # keep every trainable projector in the graph (DDP expects each parameter to get a gradient)
+            mask_loss = mask_loss + 0.0 * sum(p.sum() for p in self.projector_t2v.parameters() if p.requires_grad)
+        out["mask_loss"] = mask_loss
+        out["loss"] = ce + self.mask_loss_weight * mask_loss
+        return out
+
+    # ---------------------------------------------------------------------------- inference
+    def stop_ids(self) -> list[int]:
+        """End-of-turn ids that stop generation (eos and <|im_end|> where the vocabulary has it)."""
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        return sorted(i for i in ids if i is not None and i != self.tokenizer.unk_token_id)
+
+    @torch.no_grad()
+    def generate(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
+                 max_new_tokens: int = 48) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """Greedy decoding (deterministic) with a KV cache. Returns the tokenised prompts and the generated
+        ids per sample (up to and including the end-of-turn token)."""
+        from transformers import DynamicCache
+
+        lm = self.causal_lm()
+        prompt = self.tokenize(conversations, generation_prompt=True)
+        prompt = {k: v.to(feats.device) for k, v in prompt.items()}
+        inputs = self.build_inputs(prompt["input_ids"], prompt["attention_mask"], self.image_embeddings(feats, regions))
+        stop = torch.as_tensor(self.stop_ids(), device=feats.device)
+        cache = DynamicCache(config=lm.config)
+        out = lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                 position_ids=inputs["position_ids"], cache=cache, use_cache=True, logits_to_keep=1)
+        mask, pos = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+        b = feats.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=feats.device)
+        generated: list[list[int]] = [[] for _ in range(b)]
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            for i in range(b):
+                if not done[i]:
+                    generated[i].append(int(nxt[i]))
+            done |= torch.isin(nxt, stop)
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+            pos = pos + 1
+            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        return prompt, generated
+
+    @torch.no_grad()
+    def predict(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
+                max_new_tokens: int = 48) -> list[Prediction]:
+        """Generate, then ONE teacher-forced forward over prompt + answer; decode a mask for each emitted
+        code from the hidden state at its own position (the training rule)."""
+        prompt, generated = self.generate(feats, regions, conversations, max_new_tokens)
+        stop_ids = set(self.stop_ids())
+        n_prompt = self.is_code(prompt["input_ids"]).sum(1).tolist()  # codes already in the prompt (history)
+        rows = [i for i, g in enumerate(generated) if bool(self.is_code(torch.as_tensor(g, dtype=torch.long,
+                                                                                           device=feats.device)).any())]
+        found: dict[int, tuple] = {}
+        if rows:  # the teacher-forced re-forward, only for answers that emitted codes
+            seqs = [[int(t) for t, a in zip(prompt["input_ids"][i].tolist(), prompt["attention_mask"][i].tolist()) if a]
+                    + generated[i] for i in rows]
+            ids, am = left_pad(seqs, self.tokenizer.pad_token_id)
+            inputs = self.build_inputs(ids.to(feats.device), am.to(feats.device),
+                                       self.image_embeddings(feats[rows], regions[rows]))
+            states, valid, code_ids = self.code_states(self.hidden_states(inputs), inputs["token_ids"])
+            decoded = self.decode_masks(states, feats[rows])
+            for r, i in enumerate(rows):
+                j = valid[r].nonzero().squeeze(1)[n_prompt[i]:]  # this answer's codes, in order
+                found[i] = (self.tokenizer.convert_ids_to_tokens(code_ids[r][j].tolist()),
+                            decoded["pred_masks"][r][j], decoded["pred_logits"][r][j])
+        preds = []
+        for i, gen in enumerate(generated):
+            text = self.tokenizer.decode([t for t in gen if t not in stop_ids], skip_special_tokens=False)
+            if i in found:
+                preds.append(Prediction(text, gen, *found[i]))
+            else:
+                preds.append(Prediction(text, gen, [], feats.new_zeros(0, 1, 1), feats.new_zeros(0, 1)))
+        return preds
+
+    # ------------------------------------------------------------------------------ state io
+    def llm_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Export components of the LLM: `llm` (plain causal-LM state dict: base weights incl. the resized
+        embeddings) and, with LoRA, `llm_adapter` (LoRA weights + the code-token embedding rows + lm_head)."""
+        if not hasattr(self.llm, "get_base_model"):
+            return {"llm": self.llm.state_dict()}
+        from peft import get_peft_model_state_dict
+
+        base = {}
+        for k, v in self.llm.get_base_model().state_dict().items():
+            if "lora_" in k:
+                continue
+            base[k.replace(".base_layer.", ".")] = v
+        adapter = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.llm).items()}
+        lm = self.causal_lm()
+        adapter["code_rows.embed_tokens"] = lm.get_input_embeddings().weight[self.code_ids]
+        adapter["lm_head.weight"] = lm.get_output_embeddings().weight
+        return {"llm": base, "llm_adapter": adapter}
+
+    def load_llm_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of `llm_state` (strict: any missing or unexpected key is an error naming it)."""
+        base = states["llm"]
+        if hasattr(self.llm, "get_base_model"):
+            raise RuntimeError("load the base weights before wrapping the LLM with LoRA")
+        _strict_load(self.llm, base, "llm")
+        if "llm_adapter" in states:
+            raise RuntimeError("call apply_lora(...) then load_adapter_state(...) for the adapter")
+
+    def load_adapter_state(self, adapter: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        lora = {k[len("lora."):]: v for k, v in adapter.items() if k.startswith("lora.")}
+        want = {k for k in self.llm.state_dict() if "lora_" in k}
+        res = set_peft_model_state_dict(self.llm, lora)
+        if res.unexpected_keys:
+            raise RuntimeError(f"llm_adapter: unexpected keys {res.unexpected_keys[:8]}")
+        missing = {k.replace(".default", "") for k in want} - set(lora)
+        if missing:
+            raise RuntimeError(f"llm_adapter: missing LoRA weights {sorted(missing)[:8]}")
+        lm = self.causal_lm()
+        with torch.no_grad():
+            lm.get_input_embeddings().weight[self.code_ids] = adapter["code_rows.embed_tokens"]
+            lm.get_output_embeddings().weight.copy_(adapter["lm_head.weight"])
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shape:
+        raise RuntimeError(f"component '{name}': missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                           f"shape mismatches {sorted(shape)[:8]}")
+    module.load_state_dict(state, strict=True)
+
+
+# -------------------------------------------------------------------------------- what trains
+#: The one place each phase's trainable set is declared (SPEC section 5). `rows`: the code tokens' rows of
+#: the input embedding (and of an untied lm_head) train through a gradient row mask, the rest of those
+#: matrices stays frozen. `lora`: the instruct phase with llm.lora.enabled.
+PHASES: dict[str, dict[str, Any]] = {
+    "align": {"modules": ["projector_v2t"], "rows": False},
+    "ground": {"modules": ["projector_t2v"], "rows": True},
+    "instruct": {"modules": ["llm", "projector_v2t", "projector_t2v"], "rows": False},
+    "instruct+lora": {"modules": ["projector_v2t", "projector_t2v"], "rows": True, "lora": True, "lm_head": True},
+}
+
+
+def apply_lora(model: MedSightLM, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
+    """Wrap the LLM with peft LoRA adapters (instruct phase with llm.lora.enabled)."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model.llm, "get_base_model"):
+        return
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                     task_type="CAUSAL_LM")
+    model.llm = get_peft_model(model.llm, cfg)
+
+
+def set_phase(model: MedSightLM, phase: str) -> dict[str, int]:
+    """Freeze everything, then unfreeze what `phase` trains (PHASES); returns parameter counts with
+    `code_rows` = the number of trainable code-token rows' entries."""
+    from medsight.train import declare_trainable
+
+    spec = PHASES[phase]
+    for h in model._row_hooks:
+        h.remove()
+    model._row_hooks, model._row_params = [], []
+    counts = declare_trainable(model, spec["modules"])
+    lm = model.causal_lm()
+    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    tied = emb.data_ptr() == head.data_ptr()
+    if spec.get("lora"):
+        for n, p in model.llm.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    if spec.get("lm_head") and not tied:
+        head.requires_grad_(True)
+    rows = 0
+    if spec["rows"]:
+        keep = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+        keep[model.code_ids] = 1
+        masked = [emb] + ([head] if not tied and not spec.get("lm_head") else [])
+        for w in masked:
+            w.requires_grad_(True)
+            model._row_hooks.append(w.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+            model._row_params.append(w)
+            rows += len(model.code_ids) * w.shape[1]
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["frozen"] = counts["total"] - counts["trainable"]
+    counts["code_rows"] = rows
+    return counts
+
+
+def row_masked_params(model: MedSightLM) -> list[nn.Parameter]:
+    """Parameters trained through a row mask (they get no weight decay: decay would move the frozen rows)."""
+    return list(model._row_params)
+
+
+def joint_components(cfg) -> dict[str, Any]:
+    """Parts of the joint model for `medsight.inspect` (built on the current default device, e.g. meta):
+    vision, perceiver, llm (with the code tokens added), projector_v2t, projector_t2v, code_tokens (count)."""
+    from medsight.models import stage1_components
+    from medsight.models.llm import add_code_tokens, build_llm
+    from medsight.vocab import code_token
+
+    comps = stage1_components(cfg)
+    llm, tok = build_llm(cfg, None, device=str(torch.get_default_device()))
+    codes = [code_token(g, k) for g in range(cfg.codebook.num_groups) for k in range(cfg.codebook.num_codes)]
+    add_code_tokens(llm, tok, codes)
+    h = llm.config.hidden_size
+    return {**comps, "llm": llm,
+            "projector_v2t": VisionToText(comps["vision"].out_dim, cfg.perceiver.dim, h, cfg.llm.separate_projectors),
+            "projector_t2v": TextToVision(h, cfg.perceiver.dim), "code_tokens": len(codes)}
+
+
+__all__ = ["MedSightLM", "joint_components", "Prediction", "PHASES", "set_phase", "apply_lora", "encode_conversation", "to_messages",
+           "left_pad", "dice_bce", "dice_score", "IGNORE"]

@@ -1,0 +1,271 @@
+"""Stage 2: learn the modality-aware region codebook (SPEC section 4) over the frozen stage-1 encoder and
+perceiver, then assign a code token to every ground-truth mask of the instruction data.
+
+    python -m stages.stage2 [overlay.yaml ...] [key=value ...]     (make stage2: about 2-3 min on a 2-core CPU)
+
+The encoder and perceiver are frozen, so their outputs (patch features, pooled feature, the final region
+queries Hungarian-matched to each GT mask, the continuous masks' Dice) are computed ONCE for every image;
+training then runs only the quantiser and the perceiver's decode of the quantised queries.
+Writes checkpoints/<run>/stage2/: config.yaml, tb/, ckpt/last.ckpt (resuming only), export/ (codebook +
+code_embeddings for stage 3), coded/ (instruct + DiagSeg files with code tokens, code_consistency.{json,png})
+and metrics.json.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from medsight import codes
+from medsight.codes import Regions
+from medsight.config import from_dict, previous_export, to_dict
+from medsight.export import require_export, save_export, write_metrics
+from medsight.metrics.seg import MaskDice
+from medsight.models import build_vision, load_stage1
+from medsight.models.codebook import build_quantizer, quantizer_loss, usage_stats
+from medsight.models.matching import dice_loss, flatten_for_loss, loss_weights, sigmoid_bce_loss
+from medsight.train import adamw_cosine, build_trainer, declare_trainable, log, log_param_counts, resume_checkpoint, setup_run
+from medsight.vocab import code_token
+
+
+class BucketBatches(Sampler):
+    """Batches of images with the same number M > 0 of GT masks (the decode runs M queries per image)."""
+
+    def __init__(self, sizes: list[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.batches: list[list[int]] = []
+        by_m = defaultdict(list)
+        for i, m in enumerate(sizes):
+            if m > 0:
+                by_m[m].append(i)
+        self.by_m, self.batch_size, self.shuffle, self.rng = by_m, batch_size, shuffle, random.Random(seed)
+
+    def _batches(self) -> list[list[int]]:
+        out = []
+        for idx in self.by_m.values():
+            idx = list(idx)
+            if self.shuffle:
+                self.rng.shuffle(idx)
+            out += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.shuffle:
+            self.rng.shuffle(out)
+        return out
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return sum(-(-len(v) // self.batch_size) for v in self.by_m.values())
+
+
+def collate_regions(regions: list[Regions]) -> dict[str, torch.Tensor]:
+    """Single GT masks of same-M images: feats (B,H',W',D), pooled (B,D), queries (B,M,d), masks (B,M,S,S),
+    labels (B,M), group (B,)."""
+    keep = [~r.is_union for r in regions]
+    return {"feats": torch.stack([r.feats for r in regions]), "pooled": torch.stack([r.pooled for r in regions]),
+            "queries": torch.stack([r.queries[k] for r, k in zip(regions, keep)]),
+            "masks": torch.stack([r.masks[k] for r, k in zip(regions, keep)]).float(),
+            "labels": torch.stack([r.labels[k] for r, k in zip(regions, keep)]),
+            "group": torch.tensor([r.group for r in regions])}
+
+
+class CodebookModule(L.LightningModule):
+    """Frozen encoder + perceiver (from the stage-1 export) and the trainable region quantiser."""
+
+    def __init__(self, config: dict[str, Any], stage1_export: str) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = cfg = from_dict(config)
+        self.vision, self.perceiver = load_stage1(stage1_export, cfg)  # strict, frozen, checked for compatibility
+        self.quantizer = build_quantizer(cfg, enc_dim=self.vision.out_dim)
+        # what trains in stage 2 (the one place): the quantiser (W_q, codebooks, W_m, modality head)
+        self.param_counts = declare_trainable(self, ["quantizer"])
+        self.w = loss_weights(cfg.loss)
+        self.val_dice = MaskDice(cfg.data.modality_groups, threshold=0.5)
+        self.train_regions: list[Regions] = []
+        self.val_regions: list[Regions] = []
+        self.dice_continuous = float("nan")
+        self.final_metrics: dict[str, Any] = {}
+        self._val_codes: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------------------ cached inputs
+    def set_regions(self, regions: list[Regions], dice_continuous: float) -> None:
+        """The frozen outputs computed once (codes.encode_regions): train/val splits are used here."""
+        self.train_regions = [r for r in regions if r.split == "train"]
+        self.val_regions = [r for r in regions if r.split == "val"]
+        self.dice_continuous = float(dice_continuous)
+        single = [(r.queries[~r.is_union], r.group) for r in self.train_regions]
+        self.bank_q = torch.cat([q for q, _ in single])  # (Q, d) every matched training query
+        self.bank_g = torch.cat([torch.full((len(q),), g) for q, g in single])
+        self.bank_pooled = torch.stack([r.pooled for r in self.train_regions])  # (I, D_enc)
+        self.bank_mod = torch.tensor([r.group for r in self.train_regions])
+
+    def _loader(self, regions: list[Regions], batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = BucketBatches([r.num_single for r in regions], batch_size, shuffle, seed=self.cfg.seed)
+        return DataLoader(regions, batch_sampler=sampler, collate_fn=collate_regions)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_regions, int(self.cfg.data.batch_size), True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_regions, int(self.cfg.data.eval_batch_size), False)
+
+    def on_fit_start(self) -> None:
+        for k in ("bank_q", "bank_g", "bank_pooled", "bank_mod"):
+            setattr(self, k, getattr(self, k).to(self.device))
+        if self.cfg.codebook.init_from_data and self.global_step == 0:  # k-means++ codes on the initial z
+            with torch.no_grad():
+                self.quantizer.init_from_data(self.quantizer.encode(self.bank_q), self.bank_g, seed=self.cfg.seed)
+        self.vision.eval()
+        self.perceiver.eval()
+
+    # ---------------------------------------------------------------------------------- training
+    def _decode_loss(self, feats: torch.Tensor, queries: torch.Tensor, masks: torch.Tensor) -> tuple:
+        """Masks decoded by the perceiver from queries (B, M, d); BCE + Dice (stage-1 weights) vs masks."""
+        pred = self.perceiver(feats, queries=queries)["pred_masks"]  # (B, M, h, w)
+        x, t = flatten_for_loss(pred, masks, int(self.cfg.loss.num_points))
+        x, t = x.flatten(0, 1).float(), t.flatten(0, 1)  # (B*M, P)
+        loss = self.w["bce"] * sigmoid_bce_loss(x, t).mean() + self.w["dice"] * dice_loss(x, t).mean()
+        return loss, pred
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        c = self.cfg.codebook
+        B, M, d = batch["queries"].shape
+        n = min(int(c.query_batch), len(self.bank_q))  # extra cached queries for the cheap losses
+        qi = torch.randint(len(self.bank_q), (n,), device=self.device)
+        ii = torch.randint(len(self.bank_pooled), (min(n, len(self.bank_pooled)),), device=self.device)
+        queries = torch.cat([batch["queries"].reshape(B * M, d), self.bank_q[qi]])  # (B*M + n, d)
+        groups = torch.cat([batch["group"].repeat_interleave(M), self.bank_g[qi]])
+        recon, q = self.quantizer(queries, groups)
+        loss_recon = F.mse_loss(recon, queries)
+        loss_vq = quantizer_loss(q, c.codebook_weight, c.beta)
+        loss_mask, _ = self._decode_loss(batch["feats"], recon[: B * M].view(B, M, d), batch["masks"])
+        logits = self.quantizer.predict_modality(torch.cat([batch["pooled"], self.bank_pooled[ii]]))
+        loss_mod = F.cross_entropy(logits, torch.cat([batch["group"], self.bank_mod[ii]]))
+        loss = c.recon_weight * loss_recon + loss_vq + c.mask_weight * loss_mask + c.modality_weight * loss_mod
+        self.log_dict({"train/loss": loss, "train/loss_recon": loss_recon, "train/loss_codebook": q.codebook_loss,
+                       "train/loss_commitment": q.commitment_loss, "train/loss_mask": loss_mask,
+                       "train/loss_modality": loss_mod}, batch_size=B)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        c = self.cfg.codebook
+        if c.reseed_dead and self.global_step % max(1, int(c.reseed_every)) == 0:
+            n = self.quantizer.reseed_dead()
+            self.log("train/reseeded_codes", float(n))
+
+    # -------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        B, M, d = batch["queries"].shape
+        groups = batch["group"].repeat_interleave(M)
+        recon, q = self.quantizer(batch["queries"].reshape(B * M, d), groups)
+        loss_mask, pred = self._decode_loss(batch["feats"], recon.view(B, M, d), batch["masks"])
+        ar = torch.arange(M)
+        self.val_dice.update(pred, [(ar, ar)] * B, batch["masks"], torch.ones(B, M, dtype=torch.bool,
+                             device=self.device), batch["labels"], batch["group"])
+        self._val_codes.append(torch.stack([groups, q.codes]).cpu())
+        self.log_dict({"val/loss_recon": F.mse_loss(recon, batch["queries"].reshape(B * M, d)),
+                       "val/loss_mask": loss_mask}, batch_size=B)
+
+    def on_validation_epoch_end(self) -> None:
+        names = list(self.cfg.data.modality_groups)
+        c = self.cfg.codebook
+        gc = torch.cat(self._val_codes, 1) if self._val_codes else torch.zeros(2, 0, dtype=torch.long)
+        self._val_codes = []
+        usage, ppl, n = usage_stats(gc[1], gc[0], c.num_groups, c.num_codes)
+        present = [g for g in range(len(names)) if n[g] > 0]
+        pooled = torch.stack([r.pooled for r in self.val_regions]).to(self.device)
+        truth = torch.tensor([r.group for r in self.val_regions], device=self.device)
+        mod_acc = (self.quantizer.predict_modality(pooled).argmax(-1) == truth).float().mean()
+        dice = self.val_dice.compute()
+        self.val_dice.reset()
+        m = {"val/dice_quantized": dice["dice"], "val/dice_continuous": self.dice_continuous,
+             "val/modality_acc": mod_acc}
+        m.update({f"val/codebook_usage/{names[g]}": usage[g] for g in present})
+        m.update({f"val/perplexity/{names[g]}": ppl[g] for g in present})
+        self.log_dict({k: float(v) for k, v in m.items()})
+        self.final_metrics = {
+            "val/dice_quantized": float(dice["dice"]), "val/dice_continuous": self.dice_continuous,
+            "val/dice_quantized_group": {k.split("/", 1)[1]: float(v) for k, v in dice.items() if k.startswith("dice_group/")},
+            "codebook_usage": {names[g]: float(usage[g]) for g in present},
+            "perplexity": {names[g]: float(ppl[g]) for g in present},
+            "val_masks": {names[g]: int(n[g]) for g in present},
+            "modality_accuracy": float(mod_acc),
+        }
+        log.info("step %d  val/dice_quantized %.4f (continuous %.4f)  usage %s  modality acc %.3f", self.global_step,
+                 dice["dice"], self.dice_continuous, {k: round(v, 2) for k, v in self.final_metrics["codebook_usage"].items()},
+                 mod_acc)
+
+    def configure_optimizers(self) -> dict:
+        o = self.cfg.optim
+        return adamw_cosine(self.quantizer.parameters(), o.lr, o.weight_decay, self.cfg.trainer.max_steps,
+                            o.warmup_frac, o.min_lr_ratio)
+
+
+def code_names(num_groups: int, num_codes: int) -> list[str]:
+    """`[C{m}_{k}]` for every code, modality-major (the order of code_embeddings rows)."""
+    return [code_token(g, k) for g in range(num_groups) for k in range(num_codes)]
+
+
+def components(cfg) -> dict[str, Any]:
+    """Stage-2 components for `python -m medsight.inspect stage2`: the quantiser and the code-token count."""
+    q = build_quantizer(cfg, enc_dim=build_vision(cfg).out_dim)
+    return {"codebook": q, "code_tokens": cfg.codebook.num_groups * cfg.codebook.num_codes}
+
+
+def process_start_time() -> float:
+    """When this process started (wall_time_s counts start-up too)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # pragma: no cover - psutil missing
+        return time.time()
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    t0 = process_start_time()
+    cfg, out = setup_run("stage2", argv)
+    stage1 = require_export(previous_export(cfg, "stage1"), "stage1")
+    from medsight.data.datamodule import MedicalDataModule
+
+    model = CodebookModule(to_dict(cfg), str(stage1))
+    log_param_counts(model, {"vision": model.vision, "perceiver": model.perceiver, "quantizer": model.quantizer})
+    dm = MedicalDataModule(cfg, "segmentation")
+    records = codes.read_records(dm)  # instruction / DiagSeg records: their masks (and unions) get codes too
+    loader = codes.region_loader(dm, codes.region_samples(dm, records), int(cfg.data.eval_batch_size))
+    cont = MaskDice(cfg.data.modality_groups, threshold=0.5)
+    regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont)
+    model.set_regions(regions, float(cont.compute()["dice"]))
+    log.info("frozen outputs of %d images computed once in %.0f s (train %d, val %d)", len(regions),
+             time.time() - t0, len(model.train_regions), len(model.val_regions))
+    vci = cfg.trainer.val_check_interval
+    trainer = build_trainer(cfg, out, check_val_every_n_epoch=None, val_check_interval=vci or 10**9)
+    trainer.fit(model, ckpt_path=resume_checkpoint(cfg, out))
+    trainer.validate(model, verbose=False)  # final metrics of the final weights
+    q = model.quantizer.eval()
+    names = code_names(cfg.codebook.num_groups, cfg.codebook.num_codes)
+    with torch.no_grad():
+        emb = {"embeddings": q.code_embeddings().float().cpu()}  # (G*K, d) modality-major
+    save_export(out / "export", cfg, {"codebook": q, "code_embeddings": emb},
+                extra_meta={"code_tokens": names, "num_groups": cfg.codebook.num_groups,
+                            "num_codes": cfg.codebook.num_codes, "code_dim": cfg.codebook.code_dim,
+                            "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
+                            "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
+    report = codes.run_assignment(dm, q, regions, records, out / "coded")
+    metrics = {**model.final_metrics, "global_step": trainer.global_step,
+               "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}
+    write_metrics(out, metrics)
+    log.info("stage 2 done in %.0f s: val/dice_quantized %.4f vs continuous %.4f; export %s", metrics["wall_time_s"],
+             metrics.get("val/dice_quantized", float("nan")), metrics["val/dice_continuous"], out / "export")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

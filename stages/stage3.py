@@ -1,0 +1,343 @@
+"""Stage 3: the LLM side (SPEC section 5) in phases align -> ground -> instruct, from the stage-1 and stage-2
+exports. Each phase is one Trainer, starts from the previous phase's export and writes its own.
+
+    python -m stages.stage3 [overlay.yaml ...] [key=value ...]     (make stage3: about 7 min on a 2-core CPU)
+    python -m stages.stage3 stage3.phases=[instruct] llm.lora.enabled=true     (one phase, LoRA)
+
+Writes checkpoints/<run>/stage3/: config.yaml, tokenizer/ (the tiny tokenizer's cache), <phase>/ckpt/
+(resuming only), <phase>/export/ (the joint model after each phase), tb/<phase>/ (TensorBoard), export/
+(the final model for `medsight.load`) and metrics.json (synthetic test split; wall and per-phase times).
+
+The frozen encoder and perceiver give the same outputs for an image every time, so their outputs (patch
+features, region tokens) are computed once per image and kept in memory (`FeatureCache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from medsight.config import from_dict, run_dir, to_dict
+from medsight.export import load_component, read_meta, require_export, write_metrics
+from medsight.model import build_joint, load_joint, save_joint
+from medsight.models import load_stage1
+from medsight.models.joint import apply_lora, dice_score, row_masked_params, set_phase
+from medsight.models.llm import init_code_embeddings
+from medsight.train import build_trainer, cosine_with_warmup, log, resume_checkpoint, setup_run
+
+
+class FeatureCache:
+    """Frozen stage-1 outputs per image (keyed by the image tensor's bytes): (patch feats, region tokens)."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest() for img in images]
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        if todo:
+            feats, regions = model.encode_images(images[todo])
+            for j, i in enumerate(todo):
+                self.store[keys[i]] = (feats[j], regions[j])
+        return (torch.stack([self.store[k][0] for k in keys]), torch.stack([self.store[k][1] for k in keys]))
+
+
+FEATURES = FeatureCache()  # shared by every phase of this process
+
+
+class Stage3Module(L.LightningModule):
+    """One phase of stage 3 on the joint model (medsight.models.joint.MedSightLM)."""
+
+    def __init__(self, config: dict[str, Any], phase: str, stage1: str, stage2: str, tokenizer_dir: str,
+                 init_from: Optional[str] = None, total_steps: int = 100) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = cfg = from_dict(config)
+        code_tokens = read_meta(stage2)["code_tokens"]
+        if init_from:  # the previous phase's export
+            model, _, meta = load_joint(init_from)
+            self.codes_initialised = bool(meta.get("codes_initialised"))
+        else:
+            vision, perceiver = load_stage1(stage1, cfg)
+            model = build_joint(cfg, vision, perceiver, code_tokens, tokenizer_dir)
+            self.codes_initialised = False
+        if phase != "align" and not self.codes_initialised:
+            # code rows <- v->t projector(stage-2 code embeddings): after align, the projector maps region space
+            # to where the LLM reads image tokens (SPEC section 4b)
+            emb = load_component(stage2, "code_embeddings")["embeddings"]
+            with torch.no_grad():
+                init_code_embeddings(model.causal_lm(), model.code_ids.tolist(), model.projector_v2t.project_regions(emb))
+            self.codes_initialised = True
+        lora = phase == "instruct" and cfg.llm.lora.enabled
+        if lora:
+            lo = cfg.llm.lora
+            apply_lora(model, lo.r, lo.alpha, lo.dropout, list(lo.target_modules))
+        self.model = model
+        self.phase = phase
+        self.param_counts = set_phase(model, phase + ("+lora" if lora else ""))  # what trains: one place
+        self.coded = CodedText(Path(stage2).parent / "coded")
+
+    def on_train_epoch_start(self) -> None:
+        self.model.vision.eval()
+        self.model.perceiver.eval()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        convs, keep = self.coded.conversations(batch)
+        if not all(keep):
+            idx = [i for i, k in enumerate(keep) if k]
+            batch = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items()}
+            convs = [convs[i] for i in idx]
+        feats, regions = FEATURES(self.model, batch["image"])
+        tok = {k: v.to(self.device) for k, v in self.model.tokenize(convs).items()}
+        out = self.model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions,
+                         batch.get("masks"), batch.get("mask_valid"))
+        bs = len(convs)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log_dict({"train/ce": out["ce"], "train/mask_loss": out["mask_loss"], "train/token_acc": out["token_acc"]},
+                      batch_size=bs)
+        if out["code_total"] > 0:
+            self.log("train/code_acc", out["code_correct"] / out["code_total"], batch_size=bs)
+        return out["loss"]
+
+    def configure_optimizers(self) -> dict:
+        o, pc = self.cfg.optim, self.cfg.stage3[self.phase]
+        rows = {id(p) for p in row_masked_params(self.model)}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in rows], "weight_decay": o.weight_decay},
+                  {"params": [p for p in trainable if id(p) in rows], "weight_decay": 0.0}]  # decay would move frozen rows
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=pc.lr)
+        sched = cosine_with_warmup(opt, self.hparams.total_steps, o.warmup_frac, o.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """FSDP2 (trainer.strategy=model_parallel): shard each decoder layer, then the LLM; the frozen encoder
+        and perceiver stay replicated (mixing frozen and trainable weights in one unit is what breaks FSDP)."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        lm = self.model.causal_lm()
+        dp = mesh["data_parallel"]
+        for layer in lm.model.layers:
+            fully_shard(layer, mesh=dp)
+        fully_shard(lm, mesh=dp)
+
+
+# ------------------------------------------------------------------------------------------- data
+class CodedText:
+    """Stage 2's code-assigned text (`stage2/coded/{instruct,diagseg}/<split>.json`, every <mask> replaced by
+    its code token), looked up by record id; masks and images still come from the DataModule, in the same
+    order (the i-th code <-> the i-th mask)."""
+
+    def __init__(self, coded_dir: Path | str) -> None:
+        self.by_id: dict[str, list[dict]] = {}
+        for kind in ("instruct", "diagseg"):
+            for f in sorted((Path(coded_dir) / kind).glob("*.json")):
+                for r in json.loads(f.read_text()):
+                    if "conversations" in r:
+                        self.by_id[str(r["id"])] = r["conversations"]
+                    else:  # DiagSeg record
+                        self.by_id[str(r["qa_id"])] = [{"from": "human", "value": "<image>\n" + r["question"]},
+                                                       {"from": "gpt", "value": r["answer"]}]
+        self.missing = 0
+
+    def conversations(self, batch: dict) -> tuple[list[list[dict]], list[bool]]:
+        """Conversations of a batch with code tokens in place of <mask>; keep[i] False where stage 2 has no
+        coded version of a grounded record (counted in `missing`)."""
+        convs, keep = [], []
+        n = len(batch["id"])
+        for i in range(n):
+            if "conversations" in batch:
+                conv = batch["conversations"][i]
+            else:
+                conv = [{"from": "human", "value": "<image>\n" + batch["question"][i]},
+                        {"from": "gpt", "value": batch["answer"][i]}]
+            if any("<mask>" in t["value"] for t in conv):
+                coded = self.by_id.get(str(batch["id"][i]))
+                if coded is None:
+                    self.missing += 1
+                    keep.append(False)
+                    convs.append(conv)
+                    continue
+                conv = coded
+            convs.append(conv)
+            keep.append(True)
+        return convs, keep
+
+
+def phase_data(cfg, phase: str):
+    """align: VQA; ground: grounded dialogues + DiagSeg; instruct: those + VQA (as one-turn dialogues)."""
+    from medsight.data.datamodule import MedicalDataModule
+
+    if phase == "align":
+        return MedicalDataModule(cfg, "vqa")
+    sources = ("instruct", "diagseg") + (("vqa",) if phase == "instruct" else ())
+    return MedicalDataModule(cfg, "instruct", sources=sources)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+NAMES_TARGET = re.compile(r"\b(segment|where is) the\b", re.IGNORECASE)  # "Segment the liver.", "Where is the heart?"
+
+
+def _masks_at(pred_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(M, h, w) logits -> (M, H, W) bool at the target size (bilinear, logit > 0)."""
+    if pred_logits.shape[0] == 0:
+        return torch.zeros((0, *size), dtype=torch.bool)
+    up = torch.nn.functional.interpolate(pred_logits[None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[0] > 0
+
+
+@torch.no_grad()
+def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, phase: Optional[str] = None,
+             max_batches: Optional[int] = None) -> dict[str, float]:
+    """Generation-based metrics on `split` (fractions in [0, 1]), with greedy decoding:
+    - VQA: closed accuracy and open recall (medsight.metrics.vqa, official protocol; `_strict` too);
+    - grounding dialogues: teacher-forced code-token accuracy; grounded Dice = mean Dice of the masks decoded
+      from GENERATED codes, on turns whose question names the target ("Segment the X", "Where is the X"),
+      the i-th emitted mask against the i-th mask of that turn (a missing one scores 0);
+    - DiagSeg (test, or phase None): diagnosis recall and Dice (medsight.metrics.diagseg: mean over emitted
+      masks per item, items with a target but no emitted mask score 0).
+    `phase` picks what is meaningful after it (align: VQA; ground: grounding; instruct/None: all)."""
+    from medsight.data.datamodule import MedicalDataModule
+    from medsight.metrics.diagseg import diagnosis_recall, item_dice
+    from medsight.metrics.vqa import answer_kind, score_vqa
+
+    was_training = model.training
+    model.eval()
+    new = int(cfg.stage3.max_new_tokens)
+    res: dict[str, float] = {}
+
+    def batches(dm):
+        for i, b in enumerate(getattr(dm, f"{split}_dataloader")()):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield b
+
+    if phase in (None, "align", "instruct"):
+        items = []
+        for b in batches(MedicalDataModule(cfg, "vqa")):
+            feats, regions = features(model, b["image"])
+            convs = [[{"from": "human", "value": "<image>\n" + q}] for q in b["question"]]
+            for p, a, t in zip(model.predict(feats, regions, convs, new), b["answer"], b["answer_type"]):
+                items.append((answer_kind(t), a, p.text))
+        for proto in ("official", "strict"):
+            sc = score_vqa(items, proto)
+            sfx = "" if proto == "official" else "_strict"
+            res[f"closed_accuracy{sfx}"], res[f"open_recall{sfx}"] = sc.closed_accuracy / 100, sc.open_recall / 100
+    if phase in (None, "ground", "instruct"):
+        correct = total = 0
+        dices: list[float] = []
+        for b in batches(MedicalDataModule(cfg, "instruct", sources=("instruct",))):
+            convs, keep = coded.conversations(b)
+            feats, regions = features(model, b["image"])
+            tok = model.tokenize(convs)
+            out = model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions)
+            correct, total = correct + int(out["code_correct"]), total + int(out["code_total"])
+            prompts, rows, targets = [], [], []
+            for i, conv in enumerate(convs):
+                seen = 0
+                for j in range(1, len(conv), 2):
+                    n = int(model.is_code(torch.as_tensor(model.tokenizer.encode(conv[j]["value"],
+                                                                                 add_special_tokens=False))).sum())
+                    if n and keep[i] and NAMES_TARGET.search(conv[j - 1]["value"]):
+                        prompts.append(conv[:j])
+                        rows.append(i)
+                        targets.append(b["masks"][i, seen:seen + n] > 0.5)
+                        break
+                    seen += n
+            if prompts:
+                preds = model.predict(feats[rows], regions[rows], prompts, new)
+                for p, gt in zip(preds, targets):
+                    em = _masks_at(p.mask_logits, tuple(gt.shape[-2:]))
+                    for k in range(len(gt)):
+                        dices.append(float(dice_score(em[k], gt[k])) if k < len(em) else 0.0)
+        res["code_accuracy"] = correct / max(total, 1)
+        res["grounded_dice"] = sum(dices) / max(len(dices), 1)
+    if phase is None:
+        dm = MedicalDataModule(cfg, "instruct", sources=("diagseg",))
+        short = {s.id: s.extra.get("short_answer") or "" for s in dm.dataset(split).samples}
+        recalls, dice_items = [], []
+        for b in batches(dm):
+            feats, regions = features(model, b["image"])
+            convs = [[c[0]] for c in b["conversations"]]
+            for i, p in enumerate(model.predict(feats, regions, convs, new)):
+                recalls.append(diagnosis_recall(p.text, short[b["id"][i]]))
+                gts = [m.numpy() > 0.5 for m, v in zip(b["masks"][i], b["mask_valid"][i]) if v]
+                if gts:
+                    em = list(_masks_at(p.mask_logits, tuple(b["masks"].shape[-2:])).numpy())
+                    d = item_dice(em, gts)
+                    dice_items.append(0.0 if d is None else d)
+        res["diagseg_recall"] = sum(recalls) / max(len(recalls), 1)
+        res["diagseg_dice"] = sum(dice_items) / max(len(dice_items), 1)
+    model.train(was_training)
+    return res
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    t0 = time.time()
+    cfg, out = setup_run("stage3", argv)
+    stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
+    stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
+    timings: dict[str, float] = {}
+    init: Optional[Path] = None
+    module = None
+    for phase in cfg.stage3.phases:
+        tp = time.time()
+        pc = cfg.stage3[phase]
+        module = Stage3Module(to_dict(cfg), phase, str(stage1), str(stage2), str(out / "tokenizer"),
+                              str(init) if init else None, total_steps=pc.max_steps)
+        c = module.param_counts
+        log.info("phase %s: %s trainable (%s in code-token rows), %s frozen", phase, f"{c['trainable']:,}",
+                 f"{c['code_rows']:,}", f"{c['frozen']:,}")
+        trainer = build_trainer(cfg, out, max_steps=pc.max_steps, subdir=f"{phase}/",
+                                max_time={"seconds": pc.max_time_s} if pc.max_time_s else None)
+        trainer.fit(module, datamodule=phase_data(cfg, phase), ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
+        init = out / phase / "export"
+        if trainer.is_global_zero:
+            val = evaluate(module.model, FEATURES, cfg, "val", module.coded, phase=phase,
+                           max_batches=cfg.stage3.val_batches)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"val/{k}": v for k, v in val.items()}, step=trainer.global_step)
+            log.info("phase %s: %d steps in %.0f s; %s", phase, trainer.global_step, time.time() - tp,
+                     ", ".join(f"val/{k} {v:.3f}" for k, v in val.items()))
+            save_joint(module.model, init, cfg, {"phase": phase, "codes_initialised": module.codes_initialised,
+                                                 **{f"val/{k}": v for k, v in val.items()}})
+        trainer.strategy.barrier()
+        timings[phase] = time.time() - tp
+    if module is None or not module.trainer.is_global_zero:
+        return {}
+    final = out / "export"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(init, final)
+    meta = json.loads((final / "meta.json").read_text())
+    meta.update(stage="stage3", phases=list(cfg.stage3.phases))
+    (final / "meta.json").write_text(json.dumps(meta, indent=2))
+    tt = time.time()
+    test = evaluate(module.model, FEATURES, cfg, "test", module.coded)
+    metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
+               **{f"time/{p}_s": t for p, t in timings.items()}, "wall_time_s": time.time() - t0}
+    write_metrics(out, metrics)
+    log.info("stage 3 done in %.0f s: %s; export %s", metrics["wall_time_s"],
+             ", ".join(f"{k} {v:.3f}" for k, v in test.items()), final)
+    return metrics
+
+
+def components(cfg) -> dict[str, Any]:
+    """`python -m medsight.inspect stage3 ...`: the joint model's parts, built on the current (meta) device."""
+    from medsight.models.joint import joint_components
+
+    return joint_components(cfg)
+
+
+if __name__ == "__main__":
+    main()
