@@ -180,9 +180,11 @@ class CodebookModule(L.LightningModule):
         self._val_codes = []
         usage, ppl, n = usage_stats(gc[1], gc[0], c.num_groups, c.num_codes)
         present = [g for g in range(len(names)) if n[g] > 0]
-        pooled = torch.stack([r.pooled for r in self.val_regions]).to(self.device)
-        truth = torch.tensor([r.group for r in self.val_regions], device=self.device)
-        mod_acc = (self.quantizer.predict_modality(pooled).argmax(-1) == truth).float().mean()
+        mod_acc = torch.tensor(float("nan"))
+        if self.val_regions:
+            pooled = torch.stack([r.pooled for r in self.val_regions]).to(self.device)  # (I, D_enc)
+            truth = torch.tensor([r.group for r in self.val_regions], device=self.device)
+            mod_acc = (self.quantizer.predict_modality(pooled).argmax(-1) == truth).float().mean()
         dice = self.val_dice.compute()
         self.val_dice.reset()
         m = {"val/dice_quantized": dice["dice"], "val/dice_continuous": self.dice_continuous,

@@ -323,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     meta.update(stage="stage3", phases=list(cfg.stage3.phases))
     (final / "meta.json").write_text(json.dumps(meta, indent=2))
     tt = time.time()
-    test = evaluate(module.model, FEATURES, cfg, "test", module.coded)
+    test = evaluate(module.model, FEATURES, cfg, "test", module.coded, max_batches=cfg.stage3.test_batches)
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
                **{f"time/{p}_s": t for p, t in timings.items()}, "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)

@@ -140,7 +140,7 @@ def test_code_record_and_consistency_on_hand_made_cases():
               ("/d/b.png", "4"): (0, 2), ("/d/b.png", "5"): (0, 6), ("/d/c.png", "6"): (0, 3),
               ("/d/c.png", "7"): (0, 5)}
     rep = consistency_report(regions, assign, ["CT"], top=1)
-    liver, kidney = rep["classes"]["liver"], rep["classes"]["kidney"]
+    liver, kidney = rep["classes"]["CT/liver"], rep["classes"]["CT/kidney"]
     assert liver["masks"] == 3 and liver["distinct_codes"] == 2
     assert liver["top"][0] == {"code": "[C0_2]", "count": 2, "share": pytest.approx(2 / 3)}
     assert kidney["masks"] == 3 and kidney["top"][0]["code"] == "[C0_5]"  # the union is not counted

@@ -272,32 +272,31 @@ def write_coded(dm: Any, records: Mapping[tuple[str, str], list[Sample]],
 # ------------------------------------------------------------------------------------- consistency
 def consistency_report(regions: Sequence[Regions], assignment: Mapping[tuple[str, str], tuple[int, int]],
                        group_names: Sequence[str], top: int = 3) -> dict[str, Any]:
-    """Per class (single GT masks with a known class, each counted once): how many masks, how many distinct
-    codes, and the top-`top` codes with their share (the paper: liver/kidney codes concentrate in a few)."""
-    per_class: dict[int, Counter] = defaultdict(Counter)
-    groups_of: dict[int, Counter] = defaultdict(Counter)
+    """Per modality group and class ("CT/liver"; single GT masks with a known class, each counted once): how
+    many masks, how many distinct codes, and the top-`top` codes with their share (the paper: the codes of
+    liver and kidney in abdominal CT concentrate on a few)."""
+    per_class: dict[tuple[int, int], Counter] = defaultdict(Counter)
     for r in regions:
         for i, a in enumerate(r.ann_ids):
             label = int(r.labels[i])
             if bool(r.is_union[i]) or label <= 0 or (r.image, a) not in assignment:
                 continue
             g, c = assignment[(r.image, a)]
-            per_class[label][code_token(g, c)] += 1
-            groups_of[label][group_names[g]] += 1
+            per_class[(g, label)][code_token(g, c)] += 1
     classes = {}
-    for label in sorted(per_class):
-        cnt = per_class[label]
+    for g, label in sorted(per_class):
+        cnt = per_class[(g, label)]
         n = sum(cnt.values())
         tops = [{"code": t, "count": k, "share": k / n} for t, k in cnt.most_common(top)]
-        classes[CLASSES.get(label, str(label))] = {
-            "class_id": label, "masks": n, "distinct_codes": len(cnt), "groups": dict(groups_of[label]),
-            "top": tops, "top_share": sum(t["share"] for t in tops),
+        classes[f"{group_names[g]}/{CLASSES.get(label, str(label))}"] = {
+            "group": group_names[g], "class_id": label, "masks": n, "distinct_codes": len(cnt), "top": tops,
+            "top_share": sum(t["share"] for t in tops),
         }
     shares = [c["top_share"] for c in classes.values()]
     return {"top_k": top, "classes": classes,
             "mean_top_share": sum(shares) / len(shares) if shares else 0.0,
-            "note": "each GT mask counted once over all splits; top_share = fraction of a class's masks that get "
-                    "one of its top-k codes"}
+            "note": "each GT mask counted once over all splits; top_share = fraction of a group/class's masks "
+                    "that get one of its top-k codes"}
 
 
 def plot_consistency(report: Mapping[str, Any], path: Path | str) -> Path:

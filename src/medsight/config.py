@@ -181,6 +181,7 @@ class Stage3Config:
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
     max_new_tokens: int = 48  # greedy decoding budget per answer
     val_batches: Optional[int] = 2  # eval batches per split after each phase (None: the whole val split)
+    test_batches: Optional[int] = None  # eval batches per split for the final test metrics (None: all)
 
 
 # --------------------------------------------------------------------------------------- training

@@ -15,17 +15,27 @@ task="vqa" (LLaVA-Med VQA form):
 task="instruct" (LLaVA conversation form with <mask> or code tokens, mask_orders/mask_files):
     image, modality, id as above; conversations: list[list[{"from", "value"}]];
     masks/mask_valid/labels as above but in `mask_orders` order (the i-th code <-> the i-th mask)
+    (labels 0 where the record gives no class); every batch also has `kind`: list[str] (record source:
+    biomedparse | vqa | omnimedvqa | instruct | diagseg); vqa batches also `options` (OmniMedVQA dict or None)
+
+Public API (import from the submodules; this package only defines DataError):
+    medsight.data.datamodule  MedicalDataModule(cfg, task, collate_fn=None, sources=None): .dataset(split),
+                              .records(split), train/val/test_dataloader(), .skipped; collate(samples)
+    medsight.data.io          load_image(path, slice_index=None, axis=2, window=None) -> (H, W, 3) uint8;
+                              read_image(...) -> (array, ImageGeometry); read_mask; write_mask; WINDOWS
+    medsight.data.readers     Sample, ErrorPolicy, read_biomedparse, read_conversations, read_vqa,
+                              read_omnimedvqa, read_diagseg
+    medsight.data.synthetic   ensure_synthetic(root, cfg), generate(root, params), split_cases, case_of
+    medsight.data.check       run_check(format, path) -> dict;  python -m medsight.data.check <format> <path>
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 
 class DataError(ValueError):
     """A dataset file or record is wrong; the message names the file and the field (also as attributes)."""
 
-    def __init__(self, message: str, path: Optional[str] = None, field: Optional[str] = None):
+    def __init__(self, message: str, path: str | None = None, field: str | None = None):
         super().__init__(message)
         self.path = None if path is None else str(path)
         self.field = field

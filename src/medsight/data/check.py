@@ -15,8 +15,9 @@ import json
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -42,7 +43,7 @@ class _Opener:
 
     def __init__(self, policy: ErrorPolicy):
         self.policy = policy
-        self.sizes: dict[str, Optional[tuple[int, int]]] = {}
+        self.sizes: dict[str, tuple[int, int] | None] = {}
         self.masks_ok: dict[str, bool] = {}
 
     def image(self, s: Sample, field: str) -> bool:
@@ -159,8 +160,8 @@ def _overlap(f: Path, split: str, got: set[str], cases: dict[str, set[str]], pol
                                  path=f, field="image"))
 
 
-def run_check(fmt: str, path: str | Path, groups: Optional[Sequence[str]] = None,
-              val_fraction: Optional[float] = None) -> dict[str, Any]:
+def run_check(fmt: str, path: str | Path, groups: Sequence[str] | None = None,
+              val_fraction: float | None = None) -> dict[str, Any]:
     """The checker's report as a dict (see module docstring)."""
     path = Path(path)
     if val_fraction is None:
@@ -180,7 +181,7 @@ def run_check(fmt: str, path: str | Path, groups: Optional[Sequence[str]] = None
     return report
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Validate a dataset; prints one JSON object.")
     ap.add_argument("format", choices=["biomedparse", "synthetic"])
     ap.add_argument("path", help="biomedparse: the meta file; synthetic: the dataset root")

@@ -13,10 +13,12 @@ medsight.data). Bad records raise DataError, or with data.on_error=skip are logg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -54,6 +56,34 @@ SOURCES = {
     "instruct": ("instruct", "diagseg", "vqa"),
 }
 DEFAULT_SOURCES = {"segmentation": ("biomedparse",), "vqa": ("vqa",), "instruct": ("instruct",)}
+
+
+def _run(transform: Compose, data: dict) -> dict:
+    """Apply a MONAI Compose, re-raising a DataError that MONAI wrapped in RuntimeError."""
+    try:
+        return transform(data)
+    except RuntimeError as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """Run per-sample torch ops (MONAI random transforms) on one intra-op thread, as DataLoader workers do:
+    on a busy CPU, waking the thread pool for a (3, 128, 128) tensor costs milliseconds."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -181,7 +211,7 @@ class _Store:
             img, hw = self.images[s.image]
         else:
             try:
-                d = self.load_image({"image": s.image})
+                d = _run(self.load_image, {"image": s.image})
             except DataError as e:
                 raise DataError(f"{s.source}: record {s.id} field 'image': {e}", path=s.source, field="image") from None
             img = np.clip(np.rint(d["image"]), 0, 255).astype(np.uint8)
@@ -195,7 +225,7 @@ class _Store:
         for group in s.masks:
             m = self.masks.get(group)
             if m is None:
-                d = self.load_masks({"masks": [group], "image_hw": hw, "source": s.source})
+                d = _run(self.load_masks, {"masks": [group], "image_hw": hw, "source": s.source})
                 m = (d["masks"][0] > 0.5).astype(np.uint8)  # (S, S)
                 if self.enabled:
                     self.masks[group] = m
@@ -208,7 +238,7 @@ class MedicalDataset(Dataset):
     uint8, labels (M,) int64, modality, id, case, kind, and the task's text fields."""
 
     def __init__(self, samples: list[Sample], task: str, split: str, store: _Store, transform: Compose,
-                 policy: ErrorPolicy, max_masks: Optional[int] = None):
+                 policy: ErrorPolicy, max_masks: int | None = None):
         self.samples, self.task, self.split = samples, task, split
         self.store, self.transform, self.policy, self.max_masks = store, transform, policy, max_masks
         self.with_masks = task in ("segmentation", "instruct")
@@ -228,7 +258,7 @@ class MedicalDataset(Dataset):
                 self.policy(e)
         self.samples = keep
 
-    def __getitem__(self, i: int) -> Optional[dict[str, Any]]:
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
         s = self.samples[i]
         try:
             img, masks = self.store.get(s, self.with_masks)
@@ -238,7 +268,8 @@ class MedicalDataset(Dataset):
         labels = list(s.labels)
         if self.task == "segmentation" and self.max_masks is not None and masks.shape[0] > self.max_masks:
             masks, labels = masks[: self.max_masks], labels[: self.max_masks]
-        d = self.transform({"image": img, "masks": masks})
+        with _single_thread():
+            d = self.transform({"image": img, "masks": masks})
         masks = np.asarray(_plain(d["masks"])) if not isinstance(d["masks"], np.ndarray) else d["masks"]
         out: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(d["image"])), "modality": s.modality,
                                "id": s.id, "case": s.case, "kind": s.extra.get("kind", self.task)}
@@ -252,7 +283,7 @@ class MedicalDataset(Dataset):
         return out
 
 
-def collate(samples: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack samples into the batch contract (medsight.data): pads masks to the batch's largest count M,
     mask_valid marks real masks, labels -1 on padding. None items (skipped records) are dropped."""
     samples = [s for s in samples if s is not None]
@@ -289,8 +320,8 @@ class MedicalDataModule(L.LightningDataModule):
     non-grounded dialogues); vqa may add "omnimedvqa" (test split only, with `options`).
     """
 
-    def __init__(self, cfg: Any, task: str, collate_fn: Optional[Callable] = None,
-                 sources: Optional[Sequence[str]] = None):
+    def __init__(self, cfg: Any, task: str, collate_fn: Callable | None = None,
+                 sources: Sequence[str] | None = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown task '{task}'; choose from {list(TASKS)}")
@@ -377,7 +408,7 @@ class MedicalDataModule(L.LightningDataModule):
         """Records dropped so far under data.on_error=skip (each was logged)."""
         return self.policy.skipped
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
             self.dataset(split)
@@ -402,5 +433,16 @@ class MedicalDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
 
-__all__ = ["MedicalDataModule", "MedicalDataset", "collate", "TASKS", "SOURCES", "load_transform",
-           "split_transform", "LoadMedicalImaged", "LoadMasksd", "ResizeIfNeededd", "NormalizeUint8d"]
+__all__ = [
+    "SOURCES",
+    "TASKS",
+    "LoadMasksd",
+    "LoadMedicalImaged",
+    "MedicalDataModule",
+    "MedicalDataset",
+    "NormalizeUint8d",
+    "ResizeIfNeededd",
+    "collate",
+    "load_transform",
+    "split_transform",
+]

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -31,7 +31,7 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "mediastinum": (50.0, 350.0),
     "liver": (60.0, 160.0),
 }
-Window = Union[None, str, tuple[float, float]]
+Window = Union[None, str, tuple[float, float]]  # noqa: UP007 (runtime alias)
 
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -45,15 +45,15 @@ class ImageGeometry:
     path: str
     kind: str  # png | nifti | dicom
     shape: tuple[int, ...]  # original array shape (volume shape for NIfTI)
-    affine: Optional[np.ndarray] = None  # (4, 4) voxel -> world, NIfTI/DICOM
-    axis: Optional[int] = None  # NIfTI slicing axis
-    slice_index: Optional[int] = None  # NIfTI slice index
-    modality: Optional[str] = None  # DICOM Modality tag (CT, MR, ...)
-    window: Optional[tuple[float, float]] = None  # window applied (center, width); None: min-max
+    affine: np.ndarray | None = None  # (4, 4) voxel -> world, NIfTI/DICOM
+    axis: int | None = None  # NIfTI slicing axis
+    slice_index: int | None = None  # NIfTI slice index
+    modality: str | None = None  # DICOM Modality tag (CT, MR, ...)
+    window: tuple[float, float] | None = None  # window applied (center, width); None: min-max
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def image_kind(path: Union[str, Path]) -> str:
+def image_kind(path: str | Path) -> str:
     """png | nifti | dicom, from the file name (a directory or suffix-less file is tried as DICOM)."""
     name = str(path).lower()
     if name.endswith(NIFTI_SUFFIXES):
@@ -65,7 +65,7 @@ def image_kind(path: Union[str, Path]) -> str:
     return "dicom" if not Path(name).suffix else "png"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loader(kind: str) -> Any:
     """One MONAI LoadImage per reader kind (constructing it per file is slow and logs plugin notices)."""
     from monai.data import NibabelReader, PILReader, PydicomReader
@@ -76,7 +76,8 @@ def _loader(kind: str) -> Any:
               "dicom": lambda: PydicomReader(swap_ij=False)}[kind]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LoadImage(reader=reader, image_only=False)
+        # PNG keeps its stored dtype (uint8); volumes come as float32 (after DICOM rescale)
+        return LoadImage(reader=reader, image_only=False, dtype=None if kind == "png" else np.float32)
 
 
 def _monai_load(path: str, kind: str) -> tuple[np.ndarray, dict]:
@@ -90,18 +91,18 @@ def _read_png(path: str) -> np.ndarray:
     """(H, W) or (H, W, C) uint8 as stored."""
     try:
         arr, _ = _monai_load(path, "png")
-    except Exception as e_monai:  # fall back to PIL when MONAI's reader breaks
+    except Exception as e_monai:  # noqa: BLE001 - fall back to PIL when MONAI's reader breaks
         try:
             from PIL import Image
 
             with Image.open(path) as im:
                 arr = np.asarray(im)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes a DataError or a fallback
             raise DataError(f"{path}: cannot read image ({e}; MONAI: {e_monai})", path=path) from None
     return arr
 
 
-def _to_uint8(x: np.ndarray, window: Optional[tuple[float, float]]) -> np.ndarray:
+def _to_uint8(x: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """Window (center, width) or min-max to uint8."""
     x = x.astype(np.float32)
     if window is not None:
@@ -114,7 +115,7 @@ def _to_uint8(x: np.ndarray, window: Optional[tuple[float, float]]) -> np.ndarra
     return (np.clip((x - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _resolve_window(window: Window, modality: Optional[str]) -> Optional[tuple[float, float]]:
+def _resolve_window(window: Window, modality: str | None) -> tuple[float, float] | None:
     if isinstance(window, str):
         if window == "minmax":
             return None
@@ -141,7 +142,7 @@ def _to_rgb(x: np.ndarray) -> np.ndarray:
     raise DataError(f"unsupported image shape {x.shape}", field="image")
 
 
-def read_image(path: Union[str, Path], slice_index: Optional[int] = None, axis: int = 2,
+def read_image(path: str | Path, slice_index: int | None = None, axis: int = 2,
                window: Window = None) -> tuple[np.ndarray, ImageGeometry]:
     """Read any supported image as (H, W, 3) uint8 plus its geometry.
 
@@ -163,13 +164,13 @@ def read_image(path: Union[str, Path], slice_index: Optional[int] = None, axis: 
         try:
             vol, meta = _monai_load(path, "nifti")
             affine = np.asarray(meta.get("original_affine", meta.get("affine")))
-        except Exception as e_monai:
+        except Exception as e_monai:  # noqa: BLE001 - any reader failure becomes a DataError or a fallback
             try:
                 import nibabel as nib
 
                 img = nib.load(path)
                 vol, affine = np.asarray(img.dataobj), np.asarray(img.affine)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any reader failure becomes a DataError or a fallback
                 raise DataError(f"{path}: cannot read NIfTI ({e}; MONAI: {e_monai})", path=path) from None
         if vol.ndim < 2:
             raise DataError(f"{path}: NIfTI has {vol.ndim} dimensions; need >= 2", path=path)
@@ -195,19 +196,19 @@ def read_image(path: Union[str, Path], slice_index: Optional[int] = None, axis: 
         import pydicom
 
         modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")) or None
-    except Exception:
-        pass
+    except Exception as e:  # noqa: BLE001 - the Modality tag is optional
+        log.debug("%s: no DICOM Modality tag (%s)", path, e)
     try:
         arr, meta = _monai_load(path, "dicom")
         affine = np.asarray(meta.get("original_affine", meta.get("affine")))
-    except Exception as e_monai:
+    except Exception as e_monai:  # noqa: BLE001 - any reader failure becomes a DataError or a fallback
         try:
             import pydicom
 
             ds = pydicom.dcmread(path)
             arr = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
             affine = None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes a DataError or a fallback
             raise DataError(f"{path}: cannot read DICOM ({e}; MONAI: {e_monai})", path=path) from None
     arr = np.squeeze(arr)
     if arr.ndim == 3 and arr.shape[-1] not in (3, 4):  # multi-frame: middle frame unless given
@@ -218,14 +219,14 @@ def read_image(path: Union[str, Path], slice_index: Optional[int] = None, axis: 
     return _to_rgb(out), ImageGeometry(path, "dicom", tuple(arr.shape), affine, modality=modality, window=w)
 
 
-def load_image(path: Union[str, Path], slice_index: Optional[int] = None, axis: int = 2,
+def load_image(path: str | Path, slice_index: int | None = None, axis: int = 2,
                window: Window = None) -> np.ndarray:
     """(H, W, 3) uint8 image from PNG/JPEG/NIfTI/DICOM (see `read_image` for the geometry too)."""
     return read_image(path, slice_index, axis, window)[0]
 
 
-def read_mask(path: Union[str, Path], expected_shape: Optional[tuple[int, int]] = None,
-              source: Optional[str] = None, field: str = "mask_file") -> np.ndarray:
+def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None,
+              source: str | None = None, field: str = "mask_file") -> np.ndarray:
     """Binary mask (H, W) bool from an 8-bit PNG (> 0.5 after scaling to [0, 1]) or a NIfTI/DICOM label.
 
     `expected_shape`: the image's (H, W); a different size raises DataError naming the file and field.
@@ -253,7 +254,7 @@ def read_mask(path: Union[str, Path], expected_shape: Optional[tuple[int, int]] 
     return m
 
 
-def write_mask(mask: np.ndarray, geometry: ImageGeometry, path: Union[str, Path]) -> Path:
+def write_mask(mask: np.ndarray, geometry: ImageGeometry, path: str | Path) -> Path:
     """Write a (H, W) mask in the geometry of its source image: PNG (0/255) or a NIfTI volume with the
     source affine, the mask at the source slice and zeros elsewhere."""
     path = Path(path)
@@ -279,4 +280,4 @@ def write_mask(mask: np.ndarray, geometry: ImageGeometry, path: Union[str, Path]
     return path
 
 
-__all__ = ["WINDOWS", "ImageGeometry", "image_kind", "read_image", "load_image", "read_mask", "write_mask"]
+__all__ = ["WINDOWS", "ImageGeometry", "image_kind", "load_image", "read_image", "read_mask", "write_mask"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 from medsight.data import DataError
 from medsight.data.synthetic import case_of, split_cases
@@ -21,7 +22,7 @@ from medsight.vocab import CLASSES
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
+PathLike = Union[str, Path]  # noqa: UP007 (runtime alias)
 MASK_TOKEN = "<mask>"
 SPLITS = ("train", "val", "test")
 
@@ -38,11 +39,11 @@ class Sample:
     masks: list[tuple[str, ...]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)  # BiomedParse class id per mask (0: not given)
     ann_ids: list[str] = field(default_factory=list)  # per mask; mask_orders for dialogues
-    question: Optional[str] = None
-    answer: Optional[str] = None
-    answer_type: Optional[str] = None  # CLOSED | OPEN
-    conversations: Optional[list[dict[str, str]]] = None
-    options: Optional[dict[str, str]] = None  # OmniMedVQA: {"A": ..., "B": ...}
+    question: str | None = None
+    answer: str | None = None
+    answer_type: str | None = None  # CLOSED | OPEN
+    conversations: list[dict[str, str]] | None = None
+    options: dict[str, str] | None = None  # OmniMedVQA: {"A": ..., "B": ...}
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,7 +79,7 @@ def _load_json(path: PathLike) -> Any:
         raise DataError(f"{path}: cannot parse JSON ({e})", path=path) from None
 
 
-def _get(row: Any, key: str, types: Union[type, tuple], src: str, where: str, optional: bool = False) -> Any:
+def _get(row: Any, key: str, types: type | tuple, src: str, where: str, optional: bool = False) -> Any:
     """row[key] checked against `types`; DataError names file, record and field."""
     if not isinstance(row, dict):
         raise DataError(f"{src}: {where} is a {type(row).__name__}, expected an object", path=src, field=where)
@@ -119,7 +120,7 @@ def _record_modality(row: dict, groups: Sequence[str], src: str, where: str, fld
 
 # -------------------------------------------------------------------------------------- BiomedParse
 def read_biomedparse(meta_path: PathLike, split: str, modality_groups: Sequence[str], val_fraction: float = 0.15,
-                     policy: Optional[ErrorPolicy] = None) -> list[Sample]:
+                     policy: ErrorPolicy | None = None) -> list[Sample]:
     """Segmentation samples of `split` (train | val | test) from a BiomedParse meta file.
 
     Meta: {"roots", "mask_roots", "json_paths", "modality_labels"}, one entry per (dataset, split); paths
@@ -221,8 +222,8 @@ def _check_conversations(conv: Any, src: str, where: str) -> list[dict[str, str]
             for t, turn in enumerate(conv)]
 
 
-def read_conversations(path: PathLike, modality_groups: Sequence[str], image_root: Optional[PathLike] = None,
-                       policy: Optional[ErrorPolicy] = None) -> list[Sample]:
+def read_conversations(path: PathLike, modality_groups: Sequence[str], image_root: PathLike | None = None,
+                       policy: ErrorPolicy | None = None) -> list[Sample]:
     """Grounded LLaVA dialogues: {id, image, conversations, mask_files {ann_id: path}, mask_orders [ann_id],
     modality[, mask_classes {ann_id: class id}]}. The i-th `<mask>` across the answers <-> mask_orders[i].
     Paths relative to `image_root` (default: the JSON folder's parent, i.e. the dataset root)."""
@@ -268,8 +269,8 @@ def read_conversations(path: PathLike, modality_groups: Sequence[str], image_roo
     return out
 
 
-def read_vqa(path: PathLike, modality_groups: Sequence[str], image_root: Optional[PathLike] = None,
-             policy: Optional[ErrorPolicy] = None) -> list[Sample]:
+def read_vqa(path: PathLike, modality_groups: Sequence[str], image_root: PathLike | None = None,
+             policy: ErrorPolicy | None = None) -> list[Sample]:
     """LLaVA-Med VQA: {id, image, conversations [question, answer], answer_type CLOSED|OPEN[, modality]}."""
     policy = policy or ErrorPolicy()
     path = Path(path)
@@ -302,8 +303,8 @@ def read_vqa(path: PathLike, modality_groups: Sequence[str], image_root: Optiona
     return out
 
 
-def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: Optional[PathLike] = None,
-                    policy: Optional[ErrorPolicy] = None) -> list[Sample]:
+def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: PathLike | None = None,
+                    policy: ErrorPolicy | None = None) -> list[Sample]:
     """OmniMedVQA multiple choice: {question_id, question, gt_answer, image_path, option_A..option_D[,
     modality_type]}; gt_answer must be one of the options."""
     policy = policy or ErrorPolicy()
@@ -338,8 +339,8 @@ def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: 
     return out
 
 
-def read_diagseg(path: PathLike, modality_groups: Sequence[str], image_root: Optional[PathLike] = None,
-                 policy: Optional[ErrorPolicy] = None) -> list[Sample]:
+def read_diagseg(path: PathLike, modality_groups: Sequence[str], image_root: PathLike | None = None,
+                 policy: ErrorPolicy | None = None) -> list[Sample]:
     """DiagSeg: {qa_id, question, answer (with <mask>), short_answer, image_file, mask_ids, masks [[id, path]],
     answer_type, modality}. A nested mask_ids entry is the union of those masks. Also filled in as a
     one-turn conversation so the instruct task can train on it (ann_ids: "id" or "id1+id2" for unions)."""
@@ -399,5 +400,15 @@ def vqa_as_conversation(s: Sample) -> Sample:
                   question=s.question, answer=s.answer, answer_type=s.answer_type)
 
 
-__all__ = ["Sample", "ErrorPolicy", "MASK_TOKEN", "read_biomedparse", "read_conversations", "read_vqa",
-           "read_omnimedvqa", "read_diagseg", "vqa_as_conversation", "modality_index"]
+__all__ = [
+    "MASK_TOKEN",
+    "ErrorPolicy",
+    "Sample",
+    "modality_index",
+    "read_biomedparse",
+    "read_conversations",
+    "read_diagseg",
+    "read_omnimedvqa",
+    "read_vqa",
+    "vqa_as_conversation",
+]

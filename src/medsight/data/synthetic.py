@@ -20,15 +20,14 @@ The dataset is regenerated only when it is missing or generator.json's params/ve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -86,7 +85,7 @@ MAX_LESION_FRACTION = 0.02  # each lesion covers less than this share of the ima
 
 # ------------------------------------------------------------------------------------------ shapes
 def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0,
-          harm: Optional[np.ndarray] = None) -> np.ndarray:
+          harm: np.ndarray | None = None) -> np.ndarray:
     """Irregular ellipse: boundary radius 1 + sum_k a_k cos(k theta + p_k). harm: (K, 2) amps/phases."""
     dy, dx = yy - cy, xx - cx
     c, s = np.cos(angle), np.sin(angle)
@@ -125,19 +124,19 @@ def _lesion(yy, xx, rng: np.random.Generator, organ: np.ndarray, cy: float, cx: 
 # ----------------------------------------------------------------------------------------- cases
 def _case_params(group: GroupSpec, rng: np.random.Generator, lesion_free: bool) -> dict[str, Any]:
     """Per-patient anatomy: organ positions/sizes/shapes and the lesions the patient has."""
-    j = lambda s: rng.uniform(-s, s)  # noqa: E731
+    j = lambda s: rng.uniform(-s, s)
     p: dict[str, Any] = {"jit": {k: (j(0.03), j(0.03), 1 + j(0.12), 1 + j(0.12), j(0.25)) for k in group.organs},
                          "harm": {k: _harm(rng, 0.08) for k in group.organs}, "tone": 1 + j(0.08)}
     n_les = 0 if lesion_free else int(rng.integers(1, min(2, len(group.lesions)) + 1))
     chosen = list(rng.choice(len(group.lesions), size=n_les, replace=False)) if n_les else []
     p["lesions"] = [
-        dict(target=group.lesions[i], u=rng.uniform(-0.45, 0.45), v=rng.uniform(-0.45, 0.45),
+        dict(target=group.lesions[i], u=rng.uniform(-0.45, 0.45), v=rng.uniform(-0.45, 0.45),  # noqa: C408
              r=rng.uniform(0.035, 0.065), harm=_harm(rng, 0.15), side=int(rng.integers(0, 2)))
         for i in sorted(chosen)
     ]
     if group.name == "Dermoscopy":
         p["skin"] = np.array([0.86, 0.66, 0.55]) * (1 + rng.uniform(-0.08, 0.08, 3))
-        p["vessel"] = dict(y0=rng.uniform(0.3, 0.7), amp=rng.uniform(0.04, 0.1), lam=rng.uniform(0.25, 0.5),
+        p["vessel"] = dict(y0=rng.uniform(0.3, 0.7), amp=rng.uniform(0.04, 0.1), lam=rng.uniform(0.25, 0.5),  # noqa: C408
                            ph=rng.uniform(0, 2 * np.pi), w=rng.uniform(1.3, 2.2), x0=rng.uniform(0.2, 0.3),
                            x1=rng.uniform(0.7, 0.8))
     return p
@@ -264,7 +263,7 @@ def split_cases(cases: list[str], fraction: float, salt: int = 0) -> tuple[list[
     """Deterministic split of case ids into (kept, held_out) with round(fraction * n) held out (>= 1 when
     fraction > 0 and n >= 2). The same function makes the reader's val split (by case, never by slice)."""
     cases = sorted(set(cases))
-    n_out = int(round(fraction * len(cases)))
+    n_out = round(fraction * len(cases))
     if fraction > 0 and len(cases) >= 2:
         n_out = min(max(n_out, 1), len(cases) - 1)
     perm = np.random.default_rng(np.random.SeedSequence([salt, 7919])).permutation(len(cases))
@@ -336,9 +335,9 @@ def _pick_vqa(items: list, n: int, rng: np.random.Generator) -> list:
     out, k = [], int(rng.integers(0, 2))
     while len(out) < n and (len(ci) or len(oi)):
         if (k % 2 == 0 and len(ci)) or not len(oi):
-            out.append(closed[ci[0]]); ci = ci[1:]  # noqa: E702
+            out.append(closed[ci[0]]); ci = ci[1:]
         else:
-            out.append(open_[oi[0]]); oi = oi[1:]  # noqa: E702
+            out.append(open_[oi[0]]); oi = oi[1:]
         k += 1
     return out
 
@@ -385,8 +384,8 @@ def _dialogues(group: GroupSpec, anns: list[tuple[str, int]], lesions: list[str]
                         [by_target[t] for t in organs]))
         else:
             desc = " and ".join(_lesion_phrase(t) for t in les) if les else "no abnormality"
-            out.append(([("Describe this image.", f"This is {_article(mw)} {mw} image of the {group.site} "
-                                                  f"showing {desc}.")], []))
+            text = f"This is {_article(mw)} {mw} image of the {group.site} showing {desc}."
+            out.append(([("Describe this image.", text)], []))
     return out
 
 
@@ -596,7 +595,7 @@ def _mcq(group: GroupSpec, lesions: list[str], rng: np.random.Generator, k: int)
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m medsight.data.synthetic [--root DIR] [--force] [key=value ...]`."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="data/synthetic")
