@@ -62,7 +62,7 @@ class PerceiverModule(L.LightningModule):
         losses, matches = self.criterion(out, batch["labels"], batch["masks"], batch["mask_valid"])
         return out, losses, matches
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         log.info("stage 1 training from global step %d (max_steps %d)", self.global_step, self.trainer.max_steps)
 
     def on_train_epoch_start(self) -> None:

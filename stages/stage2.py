@@ -31,7 +31,8 @@ from medsight.metrics.seg import MaskDice
 from medsight.models import build_vision, load_stage1
 from medsight.models.codebook import build_quantizer, quantizer_loss, usage_stats
 from medsight.models.matching import dice_loss, flatten_for_loss, loss_weights, sigmoid_bce_loss
-from medsight.train import adamw_cosine, build_trainer, declare_trainable, log, log_param_counts, resume_checkpoint, setup_run
+from medsight.train import (adamw_cosine, build_trainer, declare_trainable, default_precision, log, log_param_counts,
+                            resume_checkpoint, setup_run)
 from medsight.vocab import code_token
 
 
@@ -119,9 +120,12 @@ class CodebookModule(L.LightningModule):
     def on_fit_start(self) -> None:
         for k in ("bank_q", "bank_g", "bank_pooled", "bank_mod"):
             setattr(self, k, getattr(self, k).to(self.device))
-        if self.cfg.codebook.init_from_data and self.global_step == 0:  # k-means++ codes on the initial z
-            with torch.no_grad():
-                self.quantizer.init_from_data(self.quantizer.encode(self.bank_q), self.bank_g, seed=self.cfg.seed)
+        if self.global_step == 0:  # a fresh run (a resumed one keeps its statistics and codes)
+            if self.cfg.codebook.standardize:
+                self.quantizer.set_input_stats(self.bank_q)
+            if self.cfg.codebook.init_from_data:  # k-means++ codes on the initial z
+                with torch.no_grad():
+                    self.quantizer.init_from_data(self.quantizer.encode(self.bank_q), self.bank_g, seed=self.cfg.seed)
         self.vision.eval()
         self.perceiver.eval()
 
@@ -145,13 +149,17 @@ class CodebookModule(L.LightningModule):
         recon, q = self.quantizer(queries, groups)
         loss_recon = F.mse_loss(recon, queries)
         loss_vq = quantizer_loss(q, c.codebook_weight, c.beta)
-        loss_mask, _ = self._decode_loss(batch["feats"], recon[: B * M].view(B, M, d), batch["masks"])
+        loss_mask = recon.new_zeros(())
+        if batch_idx % max(1, int(c.mask_every)) == 0:  # the decode is the expensive part of a step
+            loss_mask, _ = self._decode_loss(batch["feats"], recon[: B * M].view(B, M, d), batch["masks"])
         logits = self.quantizer.predict_modality(torch.cat([batch["pooled"], self.bank_pooled[ii]]))
         loss_mod = F.cross_entropy(logits, torch.cat([batch["group"], self.bank_mod[ii]]))
         loss = c.recon_weight * loss_recon + loss_vq + c.mask_weight * loss_mask + c.modality_weight * loss_mod
-        self.log_dict({"train/loss": loss, "train/loss_recon": loss_recon, "train/loss_codebook": q.codebook_loss,
-                       "train/loss_commitment": q.commitment_loss, "train/loss_mask": loss_mask,
-                       "train/loss_modality": loss_mod}, batch_size=B)
+        logs = {"train/loss": loss, "train/loss_recon": loss_recon, "train/loss_codebook": q.codebook_loss,
+                "train/loss_commitment": q.commitment_loss, "train/loss_modality": loss_mod}
+        if loss_mask.requires_grad:
+            logs["train/loss_mask"] = loss_mask
+        self.log_dict(logs, batch_size=B)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -243,7 +251,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     records = codes.read_records(dm)  # instruction / DiagSeg records: their masks (and unions) get codes too
     loader = codes.region_loader(dm, codes.region_samples(dm, records), int(cfg.data.eval_batch_size))
     cont = MaskDice(cfg.data.modality_groups, threshold=0.5)
-    regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    model.to(device)
+    regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont.to(device),
+                                   device=device, autocast=default_precision(cfg).startswith("bf16"))
     model.set_regions(regions, float(cont.compute()["dice"]))
     log.info("frozen outputs of %d images computed once in %.0f s (train %d, val %d)", len(regions),
              time.time() - t0, len(model.train_regions), len(model.val_regions))

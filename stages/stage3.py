@@ -12,15 +12,23 @@ The frozen encoder and perceiver give the same outputs for an image every time, 
 features, region tokens) are computed once per image and kept in memory (`FeatureCache`).
 """
 
+
 from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: spinning OpenMP workers collapse throughput when the 2 cores are shared with
+# other processes (measured: 9-13 s instead of 0.25 s per step at load 8); passive waiting should cost little.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,7 +39,7 @@ from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
 from medsight.models.joint import apply_lora, dice_score, row_masked_params, set_phase
 from medsight.models.llm import init_code_embeddings
-from medsight.train import build_trainer, cosine_with_warmup, log, resume_checkpoint, setup_run
+from medsight.train import build_trainer, log, resume_checkpoint, setup_run
 
 
 class FeatureCache:
@@ -57,7 +65,7 @@ class Stage3Module(L.LightningModule):
     """One phase of stage 3 on the joint model (medsight.models.joint.MedSightLM)."""
 
     def __init__(self, config: dict[str, Any], phase: str, stage1: str, stage2: str, tokenizer_dir: str,
-                 init_from: Optional[str] = None, total_steps: int = 100) -> None:
+                 init_from: str | None = None, total_steps: int = 100) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.cfg = cfg = from_dict(config)
@@ -82,7 +90,8 @@ class Stage3Module(L.LightningModule):
             apply_lora(model, lo.r, lo.alpha, lo.dropout, list(lo.target_modules))
         self.model = model
         self.phase = phase
-        self.param_counts = set_phase(model, phase + ("+lora" if lora else ""))  # what trains: one place
+        self.phase_key = phase + ("+lora" if lora else "")
+        self.param_counts = set_phase(model, self.phase_key)  # what trains: the one place (joint.PHASES)
         self.coded = CodedText(Path(stage2).parent / "coded")
 
     def on_train_epoch_start(self) -> None:
@@ -108,28 +117,52 @@ class Stage3Module(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self) -> dict:
+        """AdamW (row-masked embeddings without weight decay: decay would move the frozen rows), warm-up then
+        cosine over the phase. Progress = the larger of step/max_steps and, on one process, elapsed/max_time_s,
+        so a phase cut by its time budget still ends annealed."""
         o, pc = self.cfg.optim, self.cfg.stage3[self.phase]
         rows = {id(p) for p in row_masked_params(self.model)}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if id(p) not in rows], "weight_decay": o.weight_decay},
-                  {"params": [p for p in trainable if id(p) in rows], "weight_decay": 0.0}]  # decay would move frozen rows
+                  {"params": [p for p in trainable if id(p) in rows], "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=pc.lr)
-        sched = cosine_with_warmup(opt, self.hparams.total_steps, o.warmup_frac, o.min_lr_ratio)
+        total, budget = max(1, self.hparams.total_steps), pc.max_time_s
+        timed = budget is not None and self.trainer.world_size == 1
+        start = time.time()
+
+        def factor(step: int) -> float:
+            t = step / total
+            if timed:
+                t = max(t, (time.time() - start) / budget)
+            if t < o.warmup_frac:
+                return (t + 1 / total) / max(o.warmup_frac, 1 / total)
+            t = min(1.0, (t - o.warmup_frac) / max(1e-8, 1 - o.warmup_frac))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_model(self) -> None:
-        """FSDP2 (trainer.strategy=model_parallel): shard each decoder layer, then the LLM; the frozen encoder
-        and perceiver stay replicated (mixing frozen and trainable weights in one unit is what breaks FSDP)."""
+        """FSDP2 (trainer.strategy=model_parallel): every decoder layer, the embeddings, the lm_head, the rest of
+        the LLM and each projector become their own shard units; the frozen encoder and perceiver stay
+        replicated (frozen and trainable weights never share a unit, which is what breaks FSDP)."""
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
         lm = self.model.causal_lm()
+        if lm.get_input_embeddings().weight is lm.get_output_embeddings().weight:
+            raise ValueError("trainer.strategy=model_parallel (FSDP2) needs an untied lm_head (llm.tie_word_embeddings=false)")
         dp = mesh["data_parallel"]
         for layer in lm.model.layers:
             fully_shard(layer, mesh=dp)
-        fully_shard(lm, mesh=dp)
+        for unit in (lm.get_input_embeddings(), lm.get_output_embeddings(), lm.model, self.model.projector_v2t,
+                     self.model.projector_t2v):
+            fully_shard(unit, mesh=dp)
+        frozen = {*self.model.vision.parameters(), *self.model.perceiver.parameters()}
+        fully_shard(self.model, mesh=dp, ignored_params=frozen)  # the root (training calls its forward)
+        set_phase(self.model, self.phase_key)  # sharding made new parameters: declare again (and row masks)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -197,8 +230,8 @@ def _masks_at(pred_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, phase: Optional[str] = None,
-             max_batches: Optional[int] = None) -> dict[str, float]:
+def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, phase: str | None = None,
+             max_batches: int | None = None) -> dict[str, float]:
     """Generation-based metrics on `split` (fractions in [0, 1]), with greedy decoding:
     - VQA: closed accuracy and open recall (medsight.metrics.vqa, official protocol; `_strict` too);
     - grounding dialogues: teacher-forced code-token accuracy; grounded Dice = mean Dice of the masks decoded
@@ -282,13 +315,23 @@ def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, p
     return res
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def _unsharded(module: Stage3Module) -> Stage3Module:
+    """An unsharded copy of an FSDP2-trained module, built on every rank, full weights gathered (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    fresh = Stage3Module(**module.hparams)
+    fresh.model.load_state_dict({k: v.detach().cpu() for k, v in full.items()}, strict=True)
+    return fresh
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     cfg, out = setup_run("stage3", argv)
     stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
     stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
     timings: dict[str, float] = {}
-    init: Optional[Path] = None
+    init: Path | None = None
     module = None
     for phase in cfg.stage3.phases:
         tp = time.time()
@@ -302,6 +345,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 max_time={"seconds": pc.max_time_s} if pc.max_time_s else None)
         trainer.fit(module, datamodule=phase_data(cfg, phase), ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
         init = out / phase / "export"
+        if getattr(module, "device_mesh", None) is not None:  # FSDP2: gather the full weights onto rank 0
+            module = _unsharded(module)
         if trainer.is_global_zero:
             val = evaluate(module.model, FEATURES, cfg, "val", module.coded, phase=phase,
                            max_batches=cfg.stage3.val_batches)
@@ -313,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                                  **{f"val/{k}": v for k, v in val.items()}})
         trainer.strategy.barrier()
         timings[phase] = time.time() - tp
-    if module is None or not module.trainer.is_global_zero:
+    if trainer is None or not trainer.is_global_zero:
         return {}
     final = out / "export"
     if final.exists():

@@ -1,6 +1,8 @@
 """Two-process DDP smoke run of stage 3 on CPU (gloo): a few `ground` steps on tiny random exports.
 
-    python tests/ddp_smoke.py WORKDIR        (run by tests/test_stage3.py in a subprocess; < 40 s)
+    python tests/ddp_smoke.py WORKDIR [STRATEGY]   (run by tests/test_stage3.py in a subprocess; < 40 s)
+
+STRATEGY: ddp (default) or model_parallel (FSDP2 through Lightning's ModelParallelStrategy).
 
 Each rank writes WORKDIR/rank<k>.txt with its step count and a checksum of the trainable weights; the test
 checks that both ranks took the same steps and ended with identical weights (gradients were all-reduced).
@@ -56,7 +58,7 @@ def make_exports(cfg, seed: int = 0) -> None:
         for split in ("train", "val", "test"):
             rows = json.loads((root / kind / f"{split}.json").read_text())
             for r in rows:
-                sub = lambda s: re.sub("<mask>", lambda _: rng.choice(names), s)  # noqa: E731
+                sub = lambda s: re.sub("<mask>", lambda _: rng.choice(names), s)
                 if kind == "instruct":
                     for t in r["conversations"]:
                         t["value"] = sub(t["value"])
@@ -71,7 +73,7 @@ def small_config(root: Path, out_root: Path, *overrides: str):
     return load_config("stage3", overrides=[f"data.root={root}", f"out_root={out_root}", "run_name=t", *SMALL, *overrides])
 
 
-def main(workdir: str) -> None:
+def main(workdir: str, strategy: str = "ddp") -> None:
     import lightning as L
 
     from medsight.config import to_dict
@@ -81,7 +83,7 @@ def main(workdir: str) -> None:
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(workdir)
-    cfg = small_config(work / "syn", work / "ckpt", "trainer.strategy=ddp", "trainer.devices=2")
+    cfg = small_config(work / "syn", work / "ckpt", f"trainer.strategy={strategy}", "trainer.devices=2")
     if "LOCAL_RANK" not in os.environ:  # rank 0 before launching rank 1: build the inputs once
         make_synthetic(work / "syn")
         make_exports(cfg)
@@ -91,7 +93,8 @@ def main(workdir: str) -> None:
 
     class Report(L.Callback):
         def on_train_end(self, trainer, pl_module):
-            w = torch.cat([p.detach().flatten() for p in pl_module.parameters() if p.requires_grad])
+            full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pl_module.parameters() if p.requires_grad]
+            w = torch.cat([p.detach().flatten() for p in full])  # FSDP2: gathered (collective, every rank)
             (work / f"rank{trainer.global_rank}.txt").write_text(
                 f"world={trainer.world_size} steps={trainer.global_step} checksum={float(w.double().sum()):.10e}\n")
 
@@ -102,4 +105,4 @@ def main(workdir: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

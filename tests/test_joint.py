@@ -49,7 +49,7 @@ def test_sequence_left_padded_with_image_tokens(joint):
     tok = joint.tokenize(convs)
     b, t = tok["input_ids"].shape
     assert (tok["attention_mask"][:, -1] == 1).all() and (tok["attention_mask"][0, 0] == 0)  # left padding
-    k = 16 + 4  # 4x4 patch tokens + 4 region tokens
+    k = (4 // joint.patch_pool) ** 2 + 4  # pooled 4x4 patch grid + 4 region tokens
     emb = torch.randn(b, k, 32)
     inp = joint.build_inputs(tok["input_ids"], tok["attention_mask"], emb, tok["labels"])
     assert inp["inputs_embeds"].shape == (b, t - 1 + k, 32)
@@ -155,7 +155,7 @@ def _train_step(model, phase):
 
 def test_phase_trainable_sets(tmp_path):
     model, _ = small_joint(tmp_path)
-    names = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    names = lambda: {n for n, p in model.named_parameters() if p.requires_grad}
     set_phase(model, "align")
     assert names() == {n for n, _ in model.named_parameters() if n.startswith("projector_v2t.")}
     set_phase(model, "instruct")
@@ -197,7 +197,7 @@ def test_lora_instruct_save_reload_equal(tmp_path):
     assert set(a) == set(b)
     for n in a:
         assert torch.equal(a[n], b[n]), n
-    emb = lambda m: m.causal_lm().get_input_embeddings().weight[m.code_ids]  # noqa: E731
+    emb = lambda m: m.causal_lm().get_input_embeddings().weight[m.code_ids]
     assert torch.equal(emb(model), emb(loaded))
     assert torch.equal(model.causal_lm().lm_head.weight, loaded.causal_lm().lm_head.weight)
     ms = MedSight.load(tmp_path / "export")
@@ -225,3 +225,12 @@ def test_full_export_answer_format(tmp_path):
     with pytest.raises(Exception, match="missing"):
         (tmp_path / "export" / "projector_t2v.safetensors").unlink()
         medsight.load(tmp_path / "export")
+
+
+def test_inference_imports_no_lightning():
+    import subprocess
+    import sys
+
+    code = "import sys, medsight, medsight.model; medsight.model.MedSight; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

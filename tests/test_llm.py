@@ -8,7 +8,12 @@ import torch
 from medsight.config import load_config
 from medsight.models.joint import IGNORE, encode_conversation
 from medsight.models.llm import (
-    LLM_BACKBONES, SYSTEM_PROMPT, add_code_tokens, build_llm, init_code_embeddings, qwen3_8b_config,
+    LLM_BACKBONES,
+    SYSTEM_PROMPT,
+    add_code_tokens,
+    build_llm,
+    init_code_embeddings,
+    qwen3_8b_config,
     train_tiny_tokenizer,
 )
 from medsight.vocab import code_token
@@ -149,3 +154,15 @@ def test_code_embedding_init_keeps_heads_consistent(tiny_tok, tied):
     assert torch.allclose(head[ids].norm(dim=-1).mean(), other, rtol=1e-3)  # logits of ordinary size
     if not tied:
         assert torch.equal(emb[ids], vec)  # input rows: the projected code embeddings themselves
+
+
+def test_inspect_stage3_paper_scale_on_meta():
+    """`python -m medsight.inspect stage3 stages/configs/paper.yaml`: Qwen3-8B + projectors + 576 code tokens."""
+    from medsight.config import CONFIG_DIR
+    from medsight.inspect import component_sizes
+
+    sizes = component_sizes(load_config("stage3", [str(CONFIG_DIR / "paper.yaml")]))
+    assert abs(sizes["llm"] - 8.2e9) < 0.05e9
+    assert sizes["projector_v2t"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert abs(sizes["projector_t2v"] - 21.0e6) < 0.05e6
+    assert sizes["code_tokens"] == 576

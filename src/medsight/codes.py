@@ -359,6 +359,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--data", default=None, help="dataset root (default: the stage-2 config's data.root)")
     ap.add_argument("--out", required=True, help="output folder for instruct/, diagseg/ and the report")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("overrides", nargs="*", help="data.* key=value overrides (format, instruct, diagseg, ...)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     from medsight.config import from_dict, offline_env, to_dict
@@ -392,7 +393,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     records = read_records(dm)
     samples = region_samples(dm, records)
     loader = region_loader(dm, samples, args.batch_size or int(cfg.data.eval_batch_size))
-    regions = encode_regions(vision, perceiver, loader, loss_weights(cfg.loss), keep_splits=())
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    vision, perceiver, quantizer = vision.to(device), perceiver.to(device), quantizer.to(device)
+    regions = encode_regions(vision, perceiver, loader, loss_weights(cfg.loss), keep_splits=(), device=device)
     report = run_assignment(dm, quantizer, regions, records, args.out)
     log.info("codes: wrote %s into %s; mean top-%d share %.3f", report["files"], args.out, report["top_k"],
              report["mean_top_share"])

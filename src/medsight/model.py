@@ -13,15 +13,22 @@ Loading needs none of the training code (no Lightning) and is strict: a missing 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from medsight.export import load_component, load_into, read_export_config, read_meta, save_export
+from medsight.export import (
+    load_component,
+    load_into,
+    read_export_config,
+    read_meta,
+    save_export,
+)
 from medsight.models.joint import MedSightLM, apply_lora
 from medsight.vocab import CLASSES
 
@@ -30,10 +37,15 @@ log = logging.getLogger("medsight")
 
 # ------------------------------------------------------------------------------------- building
 def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Module, code_tokens: list[str],
-                tokenizer_dir: Optional[Path | str] = None, llm_config_dir: Optional[Path | str] = None) -> MedSightLM:
+                tokenizer_dir: Path | str | None = None, llm_config_dir: Path | str | None = None) -> MedSightLM:
     """The joint model around frozen stage-1 modules. The LLM comes from its backbone factory, or, when
     `llm_config_dir` is given (an export), from that saved Hugging Face config (weights loaded after)."""
-    from medsight.models.llm import _prepare_tokenizer, add_code_tokens, build_llm, load_tokenizer
+    from medsight.models.llm import (
+        _prepare_tokenizer,
+        add_code_tokens,
+        build_llm,
+        load_tokenizer,
+    )
 
     if llm_config_dir is not None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -49,13 +61,20 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
         m.requires_grad_(False).eval()
     model = MedSightLM(vision, perceiver, llm, tok, code_tokens, code_ids, d_enc=vision.out_dim, d_perc=cfg.perceiver.dim,
                        separate_projectors=cfg.llm.separate_projectors, mask_loss_weight=cfg.llm.mask_loss_weight,
-                       max_length=cfg.llm.max_length)
+                       max_length=cfg.llm.max_length, patch_pool=patch_pool(cfg))
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra_meta: Optional[dict] = None) -> Path:
+def patch_pool(cfg: DictConfig) -> int:
+    """llm.patch_pool, resolved (None: 4 for the tiny LLM, else 1)."""
+    if cfg.llm.patch_pool is not None:
+        return int(cfg.llm.patch_pool)
+    return 4 if cfg.llm.name == "tiny" else 1
+
+
+def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra_meta: dict | None = None) -> Path:
     """Write the joint model as an export directory (see the module docstring)."""
     export_dir = Path(export_dir)
     comps: dict[str, Any] = {"vision": model.vision, "perceiver": model.perceiver,
@@ -131,7 +150,7 @@ class MedSight:
         self.max_new_tokens = int(cfg.stage3.max_new_tokens)
 
     @classmethod
-    def load(cls, export_dir: Path | str, device: str = "cpu") -> "MedSight":
+    def load(cls, export_dir: Path | str, device: str = "cpu") -> MedSight:
         model, cfg, meta = load_joint(export_dir, device)
         return cls(model, cfg, meta, device)
 
@@ -172,4 +191,4 @@ def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
     return regions
 
 
-__all__ = ["MedSight", "build_joint", "save_joint", "load_joint", "preprocess", "regions_of"]
+__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "regions_of", "save_joint"]

@@ -21,14 +21,21 @@ def stage1_components(cfg: DictConfig) -> dict[str, nn.Module]:
 def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, RegionPerceiver]:
     """(vision, perceiver) from a stage-1 export, strictly loaded, frozen and in eval mode.
 
-    `cfg` must agree with the export on select_layer, perceiver dim, query count, image size and encoder
-    name (checked against meta.json); key or shape mismatches raise ExportError naming them.
+    The modules are built from the export's own config (so stage-1-only structure such as
+    perceiver.num_stages or pixel_ffn need not be repeated); `cfg` must agree with it on select_layer,
+    perceiver dim, query count, image size and encoder name (meta.json), else ExportError. Key or shape
+    mismatches raise ExportError naming them.
     """
-    from medsight.export import check_compatible, load_into, read_meta, require_export
+    from medsight.export import check_compatible, load_into, read_export_config, read_meta, require_export
 
     export_dir = require_export(export_dir, "stage1")
     check_compatible(read_meta(export_dir), cfg, export_dir)
-    comps = stage1_components(cfg)
+    built = read_export_config(export_dir)
+    if built.vision.name == "clip-vit-l14-336":
+        built.vision.path = None  # architecture is known; weights come from the export, not read twice
+    elif cfg.vision.path:
+        built.vision.path = cfg.vision.path  # hf: the encoder's config.json may have moved
+    comps = stage1_components(built)
     for name, module in comps.items():
         load_into(module, export_dir, name)
         module.requires_grad_(False).eval()

@@ -52,6 +52,8 @@ class QuantizerOutput:
 class RegionQuantizer(nn.Module):
     """W_q -> per-group nearest normalised code (straight-through) -> W_m, plus the modality head.
 
+    Queries are standardised per channel (statistics of the training queries, `set_input_stats`) before W_q.
+
     Args:
         dim: perceiver query width d.
         enc_dim: encoder pooled-feature width (modality head input).
@@ -73,6 +75,9 @@ class RegionQuantizer(nn.Module):
         self.w_m = _mlp(code_dim, dim, dim)
         self.modality_head = nn.Linear(enc_dim, num_groups)
         self.codebook = nn.Parameter(F.normalize(torch.randn(num_groups, num_codes, code_dim), dim=-1))
+        # per-channel statistics of the region queries, applied before W_q (identity until set_input_stats)
+        self.register_buffer("query_mean", torch.zeros(dim))
+        self.register_buffer("query_std", torch.ones(dim))
         # EMA statistics (used only when ema=True) and usage since the last dead-code check
         self.register_buffer("ema_count", torch.ones(num_groups, num_codes))
         self.register_buffer("ema_sum", self.codebook.detach().clone())
@@ -88,8 +93,16 @@ class RegionQuantizer(nn.Module):
         return F.normalize(self.codebook, dim=-1)
 
     def encode(self, queries: Tensor) -> Tensor:
-        """W_q then L2 normalisation: (..., d) -> (..., D)."""
-        return F.normalize(self.w_q(queries), dim=-1)
+        """Standardise, W_q, L2-normalise: (..., d) -> (..., D)."""
+        return F.normalize(self.w_q((queries - self.query_mean) / self.query_std), dim=-1)
+
+    @torch.no_grad()
+    def set_input_stats(self, queries: Tensor) -> None:
+        """Per-channel mean/std of region queries (M, d), applied before W_q. A trained perceiver's final
+        queries share a large common component (their spread is ~1% of their norm); without this every z
+        points the same way and the nearest-code search collapses onto one or two codes."""
+        self.query_mean.copy_(queries.mean(0))
+        self.query_std.copy_(queries.std(0).clamp_min(1e-4) if len(queries) > 1 else torch.ones_like(self.query_std))
 
     def nearest(self, z: Tensor, groups: Tensor) -> Tensor:
         """Index of the nearest code (cosine = Euclidean on unit vectors) in each row's group codebook."""

@@ -14,7 +14,7 @@ runs ONE teacher-forced forward over prompt + answer and reads the states there 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 # ------------------------------------------------------------------------------------- text side
-def to_messages(conversation: list[dict], system: Optional[str] = SYSTEM_PROMPT) -> list[dict]:
+def to_messages(conversation: list[dict], system: str | None = SYSTEM_PROMPT) -> list[dict]:
     """LLaVA turns [{"from": "human"|"gpt", "value"}] -> chat messages with a system prompt."""
     msgs = [{"role": "system", "content": system}] if system else []
     for turn in conversation:
@@ -40,7 +40,7 @@ def to_messages(conversation: list[dict], system: Optional[str] = SYSTEM_PROMPT)
 
 
 def encode_conversation(tokenizer, conversation: list[dict], generation_prompt: bool = False,
-                        max_length: Optional[int] = None) -> tuple[list[int], list[int]]:
+                        max_length: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation rendered with the tokenizer's chat template. Labels keep the
     tokens of assistant contents plus the end-of-turn token that follows each; everything else is -100.
     `generation_prompt=True` renders the prompt for the next assistant turn (no labels needed)."""
@@ -120,7 +120,7 @@ class MedSightLM(nn.Module):
 
     def __init__(self, vision: nn.Module, perceiver: nn.Module, llm: nn.Module, tokenizer, code_tokens: list[str],
                  code_ids: list[int], d_enc: int, d_perc: int, separate_projectors: bool = False,
-                 mask_loss_weight: float = 1.0, max_length: Optional[int] = None) -> None:
+                 mask_loss_weight: float = 1.0, max_length: int | None = None, patch_pool: int = 1) -> None:
         super().__init__()
         hidden = llm.config.hidden_size
         self.vision, self.perceiver, self.llm = vision, perceiver, llm
@@ -130,6 +130,7 @@ class MedSightLM(nn.Module):
         self.code_tokens = list(code_tokens)
         self.mask_loss_weight = mask_loss_weight
         self.max_length = max_length
+        self.patch_pool = patch_pool
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []
@@ -152,7 +153,10 @@ class MedSightLM(nn.Module):
         return feats, regions
 
     def image_embeddings(self, feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        """[patch tokens; region tokens] in LLM space (B, P + R, h)."""
+        """[patch tokens; region tokens] in LLM space (B, P + R, h); P = (H'/patch_pool) x (W'/patch_pool)."""
+        if self.patch_pool > 1:
+            k = self.patch_pool
+            feats = F.avg_pool2d(feats.permute(0, 3, 1, 2), k, ceil_mode=True).permute(0, 2, 3, 1)  # (B, H'/k, W'/k, D)
         return self.projector_v2t(feats.flatten(1, 2), regions)
 
     def tokenize(self, conversations: list[list[dict]], generation_prompt: bool = False) -> dict[str, torch.Tensor]:
@@ -170,7 +174,7 @@ class MedSightLM(nn.Module):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-                     labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                     labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Expand each sample's single `<image>` id into its P + R image embeddings, keeping left padding.
 
         Returns inputs_embeds (B, L, h), attention_mask (B, L), position_ids (B, L), labels (B, L) and
@@ -238,8 +242,8 @@ class MedSightLM(nn.Module):
 
     # ----------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                feats: torch.Tensor, regions: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                mask_valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                feats: torch.Tensor, regions: torch.Tensor, masks: torch.Tensor | None = None,
+                mask_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Teacher-forced loss: CE over supervised tokens + mask_loss_weight x (Dice + BCE) of the masks
         decoded at code positions, the i-th code paired with the i-th mask of `mask_orders`."""
         inputs = self.build_inputs(input_ids, attention_mask, self.image_embeddings(feats, regions), labels)
@@ -272,7 +276,8 @@ class MedSightLM(nn.Module):
                 out["mask_dice"] = dice_score(dec[p].detach() > 0, gt[p] > 0.5).mean()
         if not torch.is_tensor(mask_loss) or mask_loss.grad_fn is None:
             # keep every trainable projector in the graph (DDP expects each parameter to get a gradient)
-            mask_loss = mask_loss + 0.0 * sum(p.sum() for p in self.projector_t2v.parameters() if p.requires_grad)
+            # (through the module's forward, not its parameters: FSDP2 only gathers weights inside forward)
+            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1]).sum()
         out["mask_loss"] = mask_loss
         out["loss"] = ce + self.mask_loss_weight * mask_loss
         return out
@@ -451,13 +456,23 @@ def set_phase(model: MedSightLM, phase: str) -> dict[str, int]:
         masked = [emb] + ([head] if not tied and not spec.get("lm_head") else [])
         for w in masked:
             w.requires_grad_(True)
-            model._row_hooks.append(w.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+            model._row_hooks.append(w.register_hook(lambda g, keep=keep: g * _like(keep, g)))
             model._row_params.append(w)
             rows += len(model.code_ids) * w.shape[1]
     counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts["frozen"] = counts["total"] - counts["trainable"]
     counts["code_rows"] = rows
     return counts
+
+
+def _like(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The row mask in the gradient's dtype and, for a sharded (FSDP2 DTensor) gradient, its placement."""
+    mask = mask.to(device=grad.device, dtype=grad.dtype)
+    if hasattr(grad, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask, grad.device_mesh, grad.placements)
+    return mask
 
 
 def row_masked_params(model: MedSightLM) -> list[nn.Parameter]:
@@ -482,5 +497,17 @@ def joint_components(cfg) -> dict[str, Any]:
             "projector_t2v": TextToVision(h, cfg.perceiver.dim), "code_tokens": len(codes)}
 
 
-__all__ = ["MedSightLM", "joint_components", "Prediction", "PHASES", "set_phase", "apply_lora", "encode_conversation", "to_messages",
-           "left_pad", "dice_bce", "dice_score", "IGNORE"]
+__all__ = [
+    "IGNORE",
+    "PHASES",
+    "MedSightLM",
+    "Prediction",
+    "apply_lora",
+    "dice_bce",
+    "dice_score",
+    "encode_conversation",
+    "joint_components",
+    "left_pad",
+    "set_phase",
+    "to_messages",
+]

@@ -17,8 +17,8 @@ Code tokens `[C{g}_{k}]` (SPEC section 4) are added as special tokens (each exac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -64,7 +64,7 @@ def train_tiny_tokenizer(corpus: list[str], vocab_size: int):
     )
 
 
-def tiny_tokenizer(cfg: DictConfig, cache_dir: Optional[Path | str]):
+def tiny_tokenizer(cfg: DictConfig, cache_dir: Path | str | None):
     """The tiny tokenizer: loaded from `cache_dir` when cached there, else trained on the corpus and saved."""
     from transformers import PreTrainedTokenizerFast
 
@@ -111,7 +111,7 @@ def _qwen3(cfg_kwargs: dict, device: str):
         return Qwen3ForCausalLM(config)
 
 
-def build_tiny(cfg: DictConfig, tokenizer_dir: Optional[Path | str], device: str = "cpu"):
+def build_tiny(cfg: DictConfig, tokenizer_dir: Path | str | None, device: str = "cpu"):
     """Small random Qwen3 (cfg.llm.hidden_size, num_layers, ...) + the tiny tokenizer."""
     llm = cfg.llm
     tok = _prepare_tokenizer(tiny_tokenizer(cfg, tokenizer_dir))
@@ -125,7 +125,7 @@ def build_tiny(cfg: DictConfig, tokenizer_dir: Optional[Path | str], device: str
     return model, tok
 
 
-def build_hf(cfg: DictConfig, tokenizer_dir: Optional[Path | str], device: str = "cpu"):
+def build_hf(cfg: DictConfig, tokenizer_dir: Path | str | None, device: str = "cpu"):
     """Any local causal-LM directory (`llm.path`) with its tokenizer; offline; remote code only if asked."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,7 +151,7 @@ def qwen3_8b_config() -> dict:
                 tie_word_embeddings=False, eos_token_id=151645, pad_token_id=151643, bos_token_id=None)
 
 
-def build_qwen3_8b(cfg: DictConfig, tokenizer_dir: Optional[Path | str], device: str = "cpu"):
+def build_qwen3_8b(cfg: DictConfig, tokenizer_dir: Path | str | None, device: str = "cpu"):
     """Qwen3-8B shape; weights and tokenizer from `llm.path` when given (no tokenizer on the meta device
     without a path: `medsight.inspect` only counts parameters)."""
     if cfg.llm.path and device != "meta":
@@ -167,14 +167,14 @@ def build_qwen3_8b(cfg: DictConfig, tokenizer_dir: Optional[Path | str], device:
     return model, tok
 
 
-def _has_tokenizer(d: Optional[Path | str]) -> bool:
+def _has_tokenizer(d: Path | str | None) -> bool:
     return d is not None and (Path(d) / "tokenizer_config.json").is_file()
 
 
 LLM_BACKBONES: dict[str, Callable] = {"tiny": build_tiny, "hf": build_hf, "qwen3-8b": build_qwen3_8b}
 
 
-def build_llm(cfg: DictConfig, tokenizer_dir: Optional[Path | str] = None, device: str = "cpu"):
+def build_llm(cfg: DictConfig, tokenizer_dir: Path | str | None = None, device: str = "cpu"):
     """(causal LM, tokenizer) for `cfg.llm.name`. `tokenizer_dir`: a saved tokenizer to reuse (the run
     directory's cache or an export's `tokenizer/`), else the backbone's own."""
     name = cfg.llm.name
@@ -239,7 +239,16 @@ def init_code_embeddings(model: torch.nn.Module, code_ids: list[int], vectors: t
 
 
 __all__ = [
-    "LLM_BACKBONES", "build_llm", "list_llms", "train_tiny_tokenizer", "tiny_tokenizer", "load_tokenizer",
-    "add_code_tokens", "init_code_embeddings", "qwen3_8b_config", "IMAGE_TOKEN", "SYSTEM_PROMPT",
+    "IMAGE_TOKEN",
+    "LLM_BACKBONES",
     "QWEN_CHAT_TEMPLATE",
+    "SYSTEM_PROMPT",
+    "add_code_tokens",
+    "build_llm",
+    "init_code_embeddings",
+    "list_llms",
+    "load_tokenizer",
+    "qwen3_8b_config",
+    "tiny_tokenizer",
+    "train_tiny_tokenizer",
 ]

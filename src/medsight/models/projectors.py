@@ -51,4 +51,4 @@ class TextToVision(nn.Module):
         return self.net(h)
 
 
-__all__ = ["VisionToText", "TextToVision", "mlp2x_gelu"]
+__all__ = ["TextToVision", "VisionToText", "mlp2x_gelu"]

@@ -1,0 +1,156 @@
+"""`make bench`: speed and memory of the parts that decide CPU wall time, as one JSON object.
+
+Every number is a median over repeats measured in this one run (the machine is noisy; compare ratios
+within one run, not absolute numbers across runs). Nothing here asserts a speed: tests never time code.
+
+    python -m medsight.bench [--out bench/results.json] [--repeats 5] [key=value config overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from medsight.config import load_config, offline_env
+
+
+def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_data(cfg, repeats: int) -> dict:
+    from medsight.data.datamodule import MedicalDataModule
+
+    dm = MedicalDataModule(cfg, task="segmentation")
+    t0 = time.perf_counter()
+    loader = dm.train_dataloader()
+    n = len(dm.dataset("train"))
+    cache_s = time.perf_counter() - t0
+
+    def epoch() -> None:
+        for _ in loader:
+            pass
+
+    sec = _median_time(epoch, repeats)
+    return {"images": n, "cache_build_s": cache_s, "epoch_s": sec, "images_per_s": n / sec}
+
+
+def bench_stage1_step(cfg, repeats: int, batch: int) -> dict:
+    """Forward + backward + AdamW step of encoder + perceiver + set loss on one batch."""
+    from medsight.models import stage1_components
+    from medsight.models.matching import build_criterion
+
+    comps = stage1_components(cfg)
+    vision, perceiver = comps["vision"], comps["perceiver"]
+    crit = build_criterion(cfg)
+    params = list(vision.parameters()) + list(perceiver.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    s = cfg.data.image_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, s, s, generator=g)
+    masks = (torch.rand(batch, 3, s, s, generator=g) > 0.7).float()
+    valid = torch.ones(batch, 3, dtype=torch.bool)
+    labels = torch.randint(1, 16, (batch, 3), generator=g)
+    timing = {"match_s": 0.0}
+
+    def step() -> None:
+        feats, _ = vision(images)
+        out = perceiver(feats)
+        t0 = time.perf_counter()
+        losses, _ = crit(out, labels, masks, valid)
+        timing["match_s"] = time.perf_counter() - t0
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+
+    sec = _median_time(step, repeats)
+    with torch.no_grad():
+        feats, _ = vision(images)
+        infer = _median_time(lambda: perceiver(feats), repeats)
+        q = torch.randn(batch, 7, cfg.perceiver.dim)
+        decode = _median_time(lambda: perceiver(feats, queries=q), repeats)
+    return {"batch": batch, "train_step_s": sec, "train_images_per_s": batch / sec,
+            "loss_incl_matching_s": timing["match_s"], "perceiver_forward_s": infer,
+            "decode_7_queries_s": decode,
+            "params": {"vision": sum(p.numel() for p in vision.parameters()),
+                       "perceiver": sum(p.numel() for p in perceiver.parameters())}}
+
+
+def bench_denormal(repeats: int) -> dict:
+    """Why every entry point calls torch.set_flush_denormal(True): sigmoid + BCE-style arithmetic on
+    confident mask logits (|x| ~ 90, where exp(-|x|) is a denormal float), with flushing off and on."""
+    logits = torch.linspace(-95.0, -85.0, 2_000_000)
+    out = {}
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+
+        def work() -> None:
+            p = torch.sigmoid(logits)  # denormal probabilities
+            (p * (1 - p) + p * p).sum()
+
+        out[f"flush_{str(flush).lower()}_s"] = _median_time(work, repeats)
+    torch.set_flush_denormal(True)
+    out["slowdown_without_flush"] = out["flush_false_s"] / out["flush_true_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m medsight.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides (stage1 config)")
+    args = ap.parse_args(argv)
+    offline_env()
+    torch.set_flush_denormal(True)
+    cfg = load_config("stage1", [], args.overrides)
+    from medsight.data.synthetic import ensure_synthetic
+
+    ensure_synthetic(cfg.data.root)
+    results: dict = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "config": {"image_size": cfg.data.image_size, "perceiver_dim": cfg.perceiver.dim,
+                   "num_queries": cfg.perceiver.num_queries, "num_stages": cfg.perceiver.num_stages,
+                   "pixel_ffn": cfg.perceiver.pixel_ffn},
+        "repeats": args.repeats,
+    }
+    results["data_segmentation"] = bench_data(cfg, args.repeats)
+    results["stage1_step"] = bench_stage1_step(cfg, args.repeats, args.batch)
+    other = load_config("stage1", [], [*args.overrides, f"perceiver.pixel_ffn={not cfg.perceiver.pixel_ffn}"])
+    alt = bench_stage1_step(other, args.repeats, args.batch)
+    results[f"stage1_step_pixel_ffn_{str(not cfg.perceiver.pixel_ffn).lower()}"] = alt
+    results["pixel_ffn_off_over_on_speed"] = (
+        (alt if cfg.perceiver.pixel_ffn else results["stage1_step"])["train_images_per_s"]
+        / (results["stage1_step"] if cfg.perceiver.pixel_ffn else alt)["train_images_per_s"])
+    results["denormal"] = bench_denormal(args.repeats)
+    results["peak_rss_mb"] = _peak_rss_mb()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Region Perceiver shapes (learned-query and decode modes), masking, positional encoding; stage-1 loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsight.models.matching import (SetCriterion, dice_loss, hungarian_match, loss_weights, pairwise_bce,
+                                      pairwise_dice, sigmoid_bce_loss)
+from medsight.models.perceiver import RegionPerceiver, sine_position_encoding
+
+W = {"class": 2.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
+
+
+def small(in_dim=24, dim=32, num_queries=20, num_stages=2, pixel_ffn=True, num_classes=17):
+    return RegionPerceiver(in_dim=in_dim, dim=dim, num_queries=num_queries, num_stages=num_stages, heads=2, head_dim=8,
+                           ff_mult=2, num_classes=num_classes, pixel_ffn=pixel_ffn)
+
+
+@pytest.mark.parametrize(
+    "batch, grid, in_dim, num_queries, num_stages, external, pixel_ffn",
+    [
+        (1, 4, 24, 20, 2, None, True),    # learned queries
+        (3, 4, 32, 20, 1, None, False),   # odd batch, in_dim == dim (no in_proj), no pixel FF
+        (5, 6, 24, 7, 0, None, True),     # N != 20, no upsampling stage
+        (2, 4, 24, 20, 3, 1, True),       # decode mode, one external query
+        (3, 3, 24, 20, 2, 11, False),     # decode mode, M = 11 != N, odd grid
+    ],
+)
+def test_perceiver_shapes(batch, grid, in_dim, num_queries, num_stages, external, pixel_ffn):
+    p = small(in_dim, 32, num_queries, num_stages, pixel_ffn)
+    feats = torch.randn(batch, grid, grid, in_dim)
+    queries = None if external is None else torch.randn(batch, external, 32)
+    out = p(feats, queries)
+    m = num_queries if external is None else external
+    side = grid * 2 ** num_stages
+    assert out["pred_masks"].shape == (batch, m, side, side)
+    assert out["pred_logits"].shape == (batch, m, 18)
+    assert out["queries"].shape == (batch, m, 32)
+    assert [a["pred_masks"].shape[-1] for a in out["aux"]] == [grid * 2 ** s for s in range(num_stages)]
+    assert isinstance(p.in_proj, torch.nn.Identity) == (in_dim == 32)
+
+
+def test_decode_mode_is_batch_independent():
+    """Each image's result depends only on its own features and queries (no cached module state)."""
+    torch.manual_seed(0)
+    p = small(num_stages=1).eval()
+    feats, q = torch.randn(3, 4, 4, 24), torch.randn(3, 5, 32)
+    full = p(feats, q)
+    one = p(feats[1:2], q[1:2])
+    torch.testing.assert_close(one["pred_masks"][0], full["pred_masks"][1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one["queries"][0], full["queries"][1], atol=1e-4, rtol=1e-4)
+
+
+def test_fully_masked_rows_are_unmasked():
+    p = small()
+    logits = torch.full((2, 3, 4, 4), -20.0)  # every pixel below threshold for every query
+    logits[0, 1, 0, 0] = 20.0  # query 1 of image 0 keeps (at least) one pixel
+    allow = p.attention_mask(logits, (8, 8))
+    assert allow.shape == (2, 3, 64)
+    assert allow[1].all() and allow[0, 0].all() and allow[0, 2].all()  # fully blocked rows -> un-masked
+    assert 0 < allow[0, 1].sum() < 64  # partially blocked row kept as predicted
+
+
+def test_masked_forward_is_finite_when_everything_blocked():
+    p = small(num_stages=2)
+    with torch.no_grad():
+        p.mask_embed.weight.zero_()
+        p.mask_embed.bias.fill_(-1.0)
+    out = p(torch.randn(2, 4, 4, 24))
+    assert torch.isfinite(out["pred_masks"]).all() and torch.isfinite(out["queries"]).all()
+
+
+def test_positional_encoding():
+    pos = sine_position_encoding(4, 6, 32)
+    assert pos.shape == (4, 6, 32)
+    assert pos.abs().max() <= 1.0
+    # y half constant along x, x half constant along y
+    assert torch.allclose(pos[:, 0, :16], pos[:, 5, :16]) and torch.allclose(pos[0, :, 16:], pos[3, :, 16:])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_encoding(2, 2, 30)
+
+
+# ------------------------------------------------------------------------------------------- loss
+def _case():
+    """Two images: 3 and 1 GT masks (8x8), padded to M=3."""
+    masks = torch.zeros(2, 3, 8, 8)
+    masks[0, 0, :4, :4] = 1
+    masks[0, 1, 4:, 4:] = 1
+    masks[0, 2, :2, 6:] = 1
+    masks[1, 0, 2:6, 2:6] = 1
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    labels = torch.tensor([[1, 3, 10], [6, -1, -1]])
+    return masks, valid, labels
+
+
+def _perfect(masks, valid, labels, n=5, assign=((0, 1, 2), (3,))):
+    """Predictions where query assign[b][g] exactly predicts GT g with its class; others say no-object."""
+    b = masks.shape[0]
+    pred_masks = torch.full((b, n, 8, 8), -30.0)
+    pred_logits = torch.full((b, n, 18), -30.0)
+    pred_logits[..., 17] = 30.0
+    for i in range(b):
+        for g, q in enumerate(assign[i]):
+            pred_masks[i, q] = masks[i, g] * 60 - 30
+            pred_logits[i, q] = -30.0
+            pred_logits[i, q, labels[i, g]] = 30.0
+    return {"pred_masks": pred_masks, "pred_logits": pred_logits, "aux": []}
+
+
+def test_matching_recovers_assignment():
+    masks, valid, labels = _case()
+    out = _perfect(masks, valid, labels, assign=((4, 0, 2), (1,)))
+    m = hungarian_match(out["pred_logits"], out["pred_masks"], labels, masks, valid, W)
+    assert m[0][0].tolist() == [4, 0, 2] and m[0][1].tolist() == [0, 1, 2]
+    assert m[1][0].tolist() == [1] and m[1][1].tolist() == [0]
+
+
+def test_perfect_prediction_near_zero_loss_and_swap_invariance():
+    masks, valid, labels = _case()
+    crit = SetCriterion(17, W)
+    a, _ = crit(_perfect(masks, valid, labels), labels, masks, valid)
+    assert a["loss"] < 0.05, a
+    b, matches = crit(_perfect(masks, valid, labels, assign=((2, 4, 1), (0,))), labels, masks, valid)
+    torch.testing.assert_close(a["loss"], b["loss"])
+    assert matches[0][0].tolist() == [2, 4, 1]
+
+
+def test_loss_on_points_and_no_object_weight():
+    masks, valid, labels = _case()
+    out = _perfect(masks, valid, labels)
+    torch.manual_seed(0)
+    pts, _ = SetCriterion(17, W, num_points=200)(out, labels, masks, valid)
+    rand = {"pred_masks": torch.randn(2, 5, 8, 8) * 5, "pred_logits": torch.randn(2, 5, 18), "aux": []}
+    rand_pts, _ = SetCriterion(17, W, num_points=200)(rand, labels, masks, valid)
+    assert pts["loss"] < 0.1 * rand_pts["loss"]  # bilinear reads at mask borders keep it above 0
+    # a wrong "object" class on an unmatched query costs only with a no-object weight
+    out["pred_logits"][0, 3] = 0.0
+    with_no, _ = SetCriterion(17, W)(out, labels, masks, valid)
+    without, _ = SetCriterion(17, {**W, "no_object": 0.0})(out, labels, masks, valid)
+    assert with_no["loss_class"] > 1e-3 and without["loss_class"] < 1e-6
+
+
+def test_loss_gradients_and_empty_images():
+    masks, valid, labels = _case()
+    valid[1] = False
+    labels[1] = -1
+    pm = torch.randn(2, 6, 4, 4, requires_grad=True)  # coarser than GT: GT is downsampled
+    pl = torch.randn(2, 6, 18, requires_grad=True)
+    losses, matches = SetCriterion(17, W, deep_supervision=True)(
+        {"pred_masks": pm, "pred_logits": pl, "aux": [{"pred_masks": pm * 2, "pred_logits": pl}]}, labels, masks, valid)
+    losses["loss"].backward()
+    assert pm.grad is not None and torch.isfinite(pm.grad).all()
+    assert matches[1][0].numel() == 0
+
+
+def test_pair_losses_agree_with_pairwise():
+    x, t = torch.randn(4, 30), (torch.rand(4, 30) > 0.5).float()
+    torch.testing.assert_close(torch.diagonal(pairwise_bce(x, t)), sigmoid_bce_loss(x, t))
+    torch.testing.assert_close(torch.diagonal(pairwise_dice(x, t)), dice_loss(x, t))
+
+
+def test_loss_presets():
+    from medsight.config import CONFIG_DIR, load_config
+
+    paper = loss_weights(load_config("stage1").loss)
+    assert paper == {"class": 2.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
+    official = loss_weights(load_config("stage1", [str(CONFIG_DIR / "official_code.yaml")]).loss)
+    assert official == {"class": 1.0, "bce": 1.0, "dice": 1.0, "no_object": 0.0}
+    assert loss_weights(load_config("stage1", overrides=["loss.preset=official_code"]).loss) == official
