@@ -10,7 +10,7 @@ ckpt/{last,best}.ckpt (resuming only), export/ (vision + perceiver for stage 2) 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,8 +20,15 @@ from medsight.export import save_export, write_metrics
 from medsight.metrics.seg import MaskDice
 from medsight.models import stage1_components
 from medsight.models.matching import build_criterion
-from medsight.train import (adamw_cosine, build_trainer, declare_trainable, log, log_param_counts,
-                            resume_checkpoint, setup_run)
+from medsight.train import (
+    adamw_cosine,
+    build_trainer,
+    declare_trainable,
+    log,
+    log_param_counts,
+    resume_checkpoint,
+    setup_run,
+)
 from medsight.viz import mask_grid, matched_predictions
 
 
@@ -31,7 +38,7 @@ def process_start_time() -> float:
         import psutil
 
         return psutil.Process().create_time()
-    except Exception:  # pragma: no cover - psutil missing
+    except (ImportError, OSError):  # pragma: no cover - psutil missing
         return time.time()
 
 
@@ -50,7 +57,8 @@ class PerceiverModule(L.LightningModule):
         self.param_counts = declare_trainable(self, ["perceiver"] + (["vision"] if cfg.vision.trainable else []))
         self.val_dice = MaskDice(cfg.data.modality_groups, threshold=0.5)
         self.final_metrics: dict[str, float] = {}
-        self._viz: Optional[tuple] = None
+        self.val_step = -1  # global step of the last validation
+        self._viz: list[tuple] = []  # validation pictures for TensorBoard
 
     def forward(self, images: torch.Tensor) -> dict:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.vision.trainable):
@@ -81,24 +89,31 @@ class PerceiverModule(L.LightningModule):
         self.log("val/loss", losses["loss"], batch_size=batch["image"].shape[0])
         self.val_dice.update(out["pred_masks"], matches, batch["masks"], batch["mask_valid"], batch["labels"],
                              batch["modality"])
-        if batch_idx == 0:
-            self._viz = (batch["image"], batch["masks"], batch["mask_valid"], out["pred_masks"].detach(), matches)
+        self._collect_viz(batch, out["pred_masks"], matches)
 
     def on_validation_epoch_end(self) -> None:
         metrics = {f"val/{k}": v for k, v in self.val_dice.compute().items()}
         self.val_dice.reset()
         self.log_dict(metrics)
         self.final_metrics = {k: float(v) for k, v in metrics.items()}
+        self.val_step = self.global_step
         log.info("step %d  val/dice %.4f  val/dice_oracle %.4f", self.global_step, metrics["val/dice"],
                  metrics["val/dice_oracle"])
-        if self._viz is not None and self.logger is not None:
-            self.logger.experiment.add_image("val/masks", self._mask_grid(*self._viz), self.global_step)
-        self._viz = None
+        if self._viz and self.logger is not None:
+            images = torch.stack([v[0] for v in self._viz])
+            grid = mask_grid(images, [v[1] for v in self._viz], [v[2] for v in self._viz], self.cfg.data.mean,
+                             self.cfg.data.std, max_rows=len(self._viz))
+            self.logger.experiment.add_image("val/masks", grid, self.global_step)
+        self._viz = []
 
-    def _mask_grid(self, images, masks, valid, pred_masks, matches) -> torch.Tensor:
-        gt_idx, preds = matched_predictions(pred_masks, matches, valid, size=tuple(masks.shape[-2:]))
-        gts = [masks[b, g] for b, g in enumerate(gt_idx)]
-        return mask_grid(images, gts, preds, self.cfg.data.mean, self.cfg.data.std, max_rows=8)
+    def _collect_viz(self, batch: dict, pred_masks: torch.Tensor, matches: list, per_group: int = 2) -> None:
+        """Keep (image, GT masks, matched predicted masks) of the first `per_group` images of each group."""
+        masks = batch["masks"]
+        for b, g in enumerate(batch["modality"].tolist()):
+            if sum(v[3] == g for v in self._viz) >= per_group:
+                continue
+            gt_idx, preds = matched_predictions(pred_masks[b:b + 1], matches[b:b + 1], size=tuple(masks.shape[-2:]))
+            self._viz.append((batch["image"][b], masks[b, gt_idx[0]], preds[0], g))
 
     def configure_optimizers(self) -> dict:
         o = self.cfg.optim
@@ -106,7 +121,7 @@ class PerceiverModule(L.LightningModule):
                             o.min_lr_ratio)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = process_start_time()
     cfg, out = setup_run("stage1", argv)
     from medsight.data.datamodule import MedicalDataModule
@@ -116,7 +131,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     log_param_counts(model, {"vision": model.vision, "perceiver": model.perceiver})
     trainer = build_trainer(cfg, out, monitor="val/dice", mode="max")
     trainer.fit(model, datamodule=dm, ckpt_path=resume_checkpoint(cfg, out))
-    trainer.validate(model, datamodule=dm, verbose=False)  # final metrics of the final weights
+    if model.val_step != trainer.global_step:  # final metrics of the final weights
+        trainer.validate(model, datamodule=dm, verbose=False)
     metrics = {**model.final_metrics, "global_step": trainer.global_step, "wall_time_s": time.time() - t0}
     save_export(out / "export", cfg, {"vision": model.vision, "perceiver": model.perceiver},
                 extra_meta={"val/dice": metrics.get("val/dice")})

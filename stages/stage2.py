@@ -31,7 +31,7 @@ from medsight.metrics.seg import MaskDice
 from medsight.models import build_vision, load_stage1
 from medsight.models.codebook import build_quantizer, quantizer_loss, usage_stats
 from medsight.models.matching import dice_loss, flatten_for_loss, loss_weights, sigmoid_bce_loss
-from medsight.train import (adamw_cosine, build_trainer, declare_trainable, default_precision, log, log_param_counts,
+from medsight.train import (build_trainer, cosine_with_warmup, declare_trainable, default_precision, log, log_param_counts,
                             resume_checkpoint, setup_run)
 from medsight.vocab import code_token
 
@@ -147,10 +147,11 @@ class CodebookModule(L.LightningModule):
         queries = torch.cat([batch["queries"].reshape(B * M, d), self.bank_q[qi]])  # (B*M + n, d)
         groups = torch.cat([batch["group"].repeat_interleave(M), self.bank_g[qi]])
         recon, q = self.quantizer(queries, groups)
-        loss_recon = F.mse_loss(recon, queries)
+        loss_recon = self.quantizer.reconstruction_loss(recon, queries)
         loss_vq = quantizer_loss(q, c.codebook_weight, c.beta)
         loss_mask = recon.new_zeros(())
-        if batch_idx % max(1, int(c.mask_every)) == 0:  # the decode is the expensive part of a step
+        warm = self.global_step < int(c.warmup_steps)
+        if not warm and batch_idx % max(1, int(c.mask_every)) == 0:  # the decode is the expensive part of a step
             loss_mask, _ = self._decode_loss(batch["feats"], recon[: B * M].view(B, M, d), batch["masks"])
         logits = self.quantizer.predict_modality(torch.cat([batch["pooled"], self.bank_pooled[ii]]))
         loss_mod = F.cross_entropy(logits, torch.cat([batch["group"], self.bank_mod[ii]]))
@@ -161,6 +162,13 @@ class CodebookModule(L.LightningModule):
             logs["train/loss_mask"] = loss_mask
         self.log_dict(logs, batch_size=B)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # warm-up: W_m learns to decode the initial (k-means) codes before W_q and the codes move; otherwise
+        # the first reconstruction gradients, alike for every query, drag all z one way and the codes collapse
+        if self.global_step < int(self.cfg.codebook.warmup_steps):
+            for p in [*self.quantizer.w_q.parameters(), self.quantizer.codebook]:
+                p.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         c = self.cfg.codebook
@@ -178,7 +186,7 @@ class CodebookModule(L.LightningModule):
         self.val_dice.update(pred, [(ar, ar)] * B, batch["masks"], torch.ones(B, M, dtype=torch.bool,
                              device=self.device), batch["labels"], batch["group"])
         self._val_codes.append(torch.stack([groups, q.codes]).cpu())
-        self.log_dict({"val/loss_recon": F.mse_loss(recon, batch["queries"].reshape(B * M, d)),
+        self.log_dict({"val/loss_recon": self.quantizer.reconstruction_loss(recon, batch["queries"].reshape(B * M, d)),
                        "val/loss_mask": loss_mask}, batch_size=B)
 
     def on_validation_epoch_end(self) -> None:
@@ -213,9 +221,13 @@ class CodebookModule(L.LightningModule):
                  mod_acc)
 
     def configure_optimizers(self) -> dict:
-        o = self.cfg.optim
-        return adamw_cosine(self.quantizer.parameters(), o.lr, o.weight_decay, self.cfg.trainer.max_steps,
-                            o.warmup_frac, o.min_lr_ratio)
+        o, q = self.cfg.optim, self.quantizer
+        slow = [*q.w_q.parameters(), q.codebook]
+        fast = [p for p in q.parameters() if all(p is not s for s in slow)]
+        groups = [{"params": fast}, {"params": slow, "lr": o.lr * self.cfg.codebook.encoder_lr_scale}]
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        sched = cosine_with_warmup(opt, self.cfg.trainer.max_steps, o.warmup_frac, o.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def code_names(num_groups: int, num_codes: int) -> list[str]:

@@ -52,10 +52,15 @@ def test_hf_needs_a_directory(tmp_path):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_hf_directory_round_trip(tmp_path, kind):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=8)
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 32, "patch_size": 8}
     model = (CLIPVisionModel(CLIPVisionConfig(**common)) if kind == "clip"
              else SiglipVisionModel(SiglipVisionConfig(**common)))
     model.save_pretrained(tmp_path)

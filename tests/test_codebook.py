@@ -141,3 +141,16 @@ def test_ill_inputs(queries, groups, match):
         qz.quantize(queries, groups)
     with pytest.raises(ValueError, match="positive"):
         RegionQuantizer(8, 4, 0, 4, 4)
+
+
+def test_input_statistics_standardise_queries_and_reconstruction():
+    torch.manual_seed(0)
+    qz = RegionQuantizer(8, 4, 1, 4, 4)
+    queries = 5.0 + 0.01 * torch.randn(50, 8)  # a large shared offset, tiny region-specific part
+    qz.set_input_stats(queries)
+    assert torch.allclose(qz.query_mean, queries.mean(0)) and torch.allclose(qz.query_std, queries.std(0))
+    z = qz.encode(queries)
+    assert (z @ z.T).mean() < 0.9  # standardised: the z do not all point the same way
+    target, recon = queries[:3], queries[:3] + qz.query_std  # one std off in every channel
+    assert math.isclose(qz.reconstruction_loss(recon, target).item(), 1.0, rel_tol=1e-4)
+    assert torch.allclose(qz.w_m[-1].bias, qz.query_mean)  # W_m starts at the queries' mean

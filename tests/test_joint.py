@@ -222,6 +222,9 @@ def test_full_export_answer_format(tmp_path):
     (r,) = regions_of(pred, (48, 40))
     assert r["mask"].shape == (48, 40) and r["mask"].dtype == bool and 0 <= r["score"] <= 1
     assert r["code"] == "[C0_1]" and r["class_name"] not in (None, "background")
+    if r["mask"].any():
+        x0, y0, x1, y1 = r["box"]
+        assert r["mask"][y0:y1, x0:x1].sum() == r["mask"].sum()
     with pytest.raises(Exception, match="missing"):
         (tmp_path / "export" / "projector_t2v.safetensors").unlink()
         medsight.load(tmp_path / "export")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsight.models.matching import (SetCriterion, dice_loss, hungarian_match, loss_weights, pairwise_bce,
-                                      pairwise_dice, sigmoid_bce_loss)
+from medsight.models.matching import (
+    SetCriterion,
+    dice_loss,
+    hungarian_match,
+    loss_weights,
+    pairwise_bce,
+    pairwise_dice,
+    sigmoid_bce_loss,
+)
 from medsight.models.perceiver import RegionPerceiver, sine_position_encoding
 
 W = {"class": 2.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}

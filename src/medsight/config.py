@@ -132,6 +132,8 @@ class CodebookConfig:
     init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the initial z of the training queries
     query_batch: int = 1024  # cached matched queries per step for the cheap losses (recon, codebook, modality)
     mask_every: int = 1  # decode masks for the mask loss every this many steps (the one expensive part of a step)
+    warmup_steps: int = 200  # first steps: only W_m and the modality head learn, on the initial codes, no decode
+    encoder_lr_scale: float = 0.1  # lr of W_q and the codebooks relative to optim.lr (fast W_q moves collapse z)
 
 
 @dataclass
@@ -163,6 +165,7 @@ class LLMConfig:
     separate_projectors: bool = False  # separate v->t projectors for patch and region tokens
     patch_pool: Optional[int] = None  # average-pool the patch grid by this factor before the v->t projector;
     #                                   None: 4 for the tiny LLM (CPU budget), 1 otherwise (the paper: all 576)
+    patch_pool_mode: str = "avg"  # avg | max (max keeps small, strong features such as lesions)
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -51,7 +51,7 @@ def component_sizes(cfg: DictConfig, device: str = "meta") -> dict[str, int]:
     return {k: (v if isinstance(v, int) else count_params(v)) for k, v in comps.items()}
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     from medsight.config import load_config, parse_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -61,7 +61,8 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
         m.requires_grad_(False).eval()
     model = MedSightLM(vision, perceiver, llm, tok, code_tokens, code_ids, d_enc=vision.out_dim, d_perc=cfg.perceiver.dim,
                        separate_projectors=cfg.llm.separate_projectors, mask_loss_weight=cfg.llm.mask_loss_weight,
-                       max_length=cfg.llm.max_length, patch_pool=patch_pool(cfg))
+                       max_length=cfg.llm.max_length, patch_pool=patch_pool(cfg),
+                       patch_pool_mode=cfg.llm.patch_pool_mode)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -155,7 +156,7 @@ class MedSight:
         return cls(model, cfg, meta, device)
 
     def answer(self, image: np.ndarray, question: str) -> dict[str, Any]:
-        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score"}]}."""
+        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box"}]}."""
         return self.answer_batch([image], [question])[0]
 
     @torch.no_grad()
@@ -176,7 +177,8 @@ class MedSight:
 
 def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
     """Per emitted code: mask at `size` (bilinear logits, > 0), mean probability inside it, class name from the
-    perceiver's class head (argmax over real classes: neither background nor "no object")."""
+    perceiver's class head (argmax over real classes: neither background nor "no object") and the mask's box
+    [x0, y0, x1, y1) (None for an empty mask)."""
     if not pred.codes:
         return []
     logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
@@ -186,8 +188,10 @@ def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
     for j, code in enumerate(pred.codes):
         mask = logits[j] > 0
         score = float(probs[j][mask].mean()) if mask.any() else 0.0
+        ys, xs = np.nonzero(mask.cpu().numpy())
+        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
         regions.append({"code": code, "class_name": CLASSES.get(int(cls[j])), "mask": mask.cpu().numpy(),
-                        "score": score})
+                        "score": score, "box": box})
     return regions
 
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +62,18 @@ def save_png(grid: torch.Tensor, path: Path | str) -> Path:
     return path
 
 
-def matched_predictions(pred_logits_masks: torch.Tensor, matches: list, mask_valid: torch.Tensor,
-                        size: Optional[tuple[int, int]] = None, threshold: float = 0.5
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per image: indices of valid GT masks and the binary masks of their matched queries at `size`.
-    Returns (gt_index_lists, pred_mask_lists)."""
+def matched_predictions(pred_masks: torch.Tensor, matches: list, size: tuple[int, int] | None = None,
+                        threshold: float = 0.5) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image: GT indices of the matches and the binary masks (K, h, w) of their matched queries, from
+    mask logits pred_masks (B, N, h, w), resized to `size` (only the matched queries are upsampled)."""
     gts, preds = [], []
     for b, (pi, gi) in enumerate(matches):
-        logits = pred_logits_masks[b, pi].float()[None]
-        if size is not None and logits.numel():
+        logits = pred_masks[b, pi.to(pred_masks.device)].float()[None]  # (1, K, h, w)
+        if size is not None and logits.shape[1]:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         gts.append(gi)
-        preds.append((logits[0].sigmoid() > threshold) if logits.numel() else logits[0])
+        preds.append(logits[0].sigmoid() > threshold)
     return gts, preds
 
 
-__all__ = ["mask_grid", "overlay", "denormalize", "save_png", "matched_predictions", "PALETTE"]
+__all__ = ["PALETTE", "denormalize", "mask_grid", "matched_predictions", "overlay", "save_png"]

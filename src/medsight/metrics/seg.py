@@ -4,7 +4,7 @@ the oracle best-of-N Dice (the best query for each GT mask, an upper bound on wh
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class MaskDice(Metric):
     higher_is_better = True
 
     def __init__(self, group_names: Sequence[str], num_classes: int = len(CLASSES), threshold: float = 0.5,
-                 class_names: Optional[dict[int, str]] = None, **kwargs) -> None:
+                 class_names: dict[int, str] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.group_names, self.threshold = list(group_names), threshold
         self.class_names = class_names or CLASSES

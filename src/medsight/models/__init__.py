@@ -26,7 +26,13 @@ def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, Reg
     perceiver dim, query count, image size and encoder name (meta.json), else ExportError. Key or shape
     mismatches raise ExportError naming them.
     """
-    from medsight.export import check_compatible, load_into, read_export_config, read_meta, require_export
+    from medsight.export import (
+        check_compatible,
+        load_into,
+        read_export_config,
+        read_meta,
+        require_export,
+    )
 
     export_dir = require_export(export_dir, "stage1")
     check_compatible(read_meta(export_dir), cfg, export_dir)
@@ -42,5 +48,11 @@ def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, Reg
     return comps["vision"], comps["perceiver"]  # type: ignore[return-value]
 
 
-__all__ = ["VISION_BACKBONES", "build_vision", "RegionPerceiver", "build_perceiver", "stage1_components",
-           "load_stage1"]
+__all__ = [
+    "VISION_BACKBONES",
+    "RegionPerceiver",
+    "build_perceiver",
+    "build_vision",
+    "load_stage1",
+    "stage1_components",
+]

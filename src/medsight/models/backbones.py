@@ -15,8 +15,8 @@ Names:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -95,7 +95,7 @@ class HFVisionEncoder(nn.Module):
         else:
             patches = h
             pooled = h.mean(dim=1)
-        b, t, d = patches.shape
+        b, _, d = patches.shape
         return patches.reshape(b, self.grid, self.grid, d), pooled  # (B, H', W', D), (B, D)
 
 
@@ -179,5 +179,11 @@ def build_vision(cfg: DictConfig) -> nn.Module:
     return VISION_BACKBONES[name](cfg)
 
 
-__all__ = ["VISION_BACKBONES", "build_vision", "TinyConvEncoder", "HFVisionEncoder", "load_hf_vision",
-           "clip_vit_l14_336_config"]
+__all__ = [
+    "VISION_BACKBONES",
+    "HFVisionEncoder",
+    "TinyConvEncoder",
+    "build_vision",
+    "clip_vit_l14_336_config",
+    "load_hf_vision",
+]

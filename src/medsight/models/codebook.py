@@ -100,9 +100,13 @@ class RegionQuantizer(nn.Module):
     def set_input_stats(self, queries: Tensor) -> None:
         """Per-channel mean/std of region queries (M, d), applied before W_q. A trained perceiver's final
         queries share a large common component (their spread is ~1% of their norm); without this every z
-        points the same way and the nearest-code search collapses onto one or two codes."""
+        points the same way and the nearest-code search collapses onto one or two codes. Also starts W_m's
+        output at the queries' mean and scale."""
         self.query_mean.copy_(queries.mean(0))
         self.query_std.copy_(queries.std(0).clamp_min(1e-4) if len(queries) > 1 else torch.ones_like(self.query_std))
+        # W_m ends in a LayerNorm: start its affine at the queries' scale so reconstruction starts near the mean
+        self.w_m[-1].weight.copy_(self.query_std)
+        self.w_m[-1].bias.copy_(self.query_mean)
 
     def nearest(self, z: Tensor, groups: Tensor) -> Tensor:
         """Index of the nearest code (cosine = Euclidean on unit vectors) in each row's group codebook."""
@@ -112,6 +116,11 @@ class RegionQuantizer(nn.Module):
     def decode_codes(self, groups: Tensor, codes: Tensor) -> Tensor:
         """W_m of codebook rows: the query-space vectors a (group, code) pair stands for. (M,) -> (M, d)."""
         return self.w_m(self.normalized_codebook()[groups, codes])
+
+    def reconstruction_loss(self, recon: Tensor, queries: Tensor) -> Tensor:
+        """MSE(W_m(z_q), Q_r), each channel in units of the queries' std (identity until set_input_stats), so
+        the loss measures the region-specific part of a query and not its shared offset."""
+        return (((recon - queries) / self.query_std) ** 2).mean() if len(queries) else recon.new_zeros(())
 
     def code_embeddings(self) -> Tensor:
         """W_m(every codebook row) in modality-major order: (G*K, d). Initialises the LLM's code tokens."""

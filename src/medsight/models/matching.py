@@ -7,7 +7,8 @@ Masks are compared at the prediction's resolution (GT area-downsampled to it) or
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +159,20 @@ class SetCriterion(nn.Module):
         return losses, matches
 
 
-def build_criterion(cfg: Any, num_classes: Optional[int] = None) -> SetCriterion:
+def build_criterion(cfg: Any, num_classes: int | None = None) -> SetCriterion:
     return SetCriterion(num_classes or cfg.perceiver.num_classes, loss_weights(cfg.loss), cfg.loss.num_points,
                         cfg.loss.deep_supervision)
 
 
-__all__ = ["hungarian_match", "dice_loss", "sigmoid_bce_loss", "pairwise_bce", "pairwise_dice", "SetCriterion",
-           "build_criterion", "loss_weights", "LOSS_PRESETS", "flatten_for_loss"]
+__all__ = [
+    "LOSS_PRESETS",
+    "SetCriterion",
+    "build_criterion",
+    "dice_loss",
+    "flatten_for_loss",
+    "hungarian_match",
+    "loss_weights",
+    "pairwise_bce",
+    "pairwise_dice",
+    "sigmoid_bce_loss",
+]

@@ -13,7 +13,6 @@ mode: the LLM's projected hidden state of an emitted code token). Features are a
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +52,7 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, Nq, d) attends to ctx (B, Nk, d); mask (B, Nq, Nk) bool, True = may attend."""
         b, nq, _ = x.shape
         q = self.to_q(self.norm_q(x)).view(b, nq, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, hd)
@@ -75,7 +74,7 @@ class QueryUpdate(nn.Module):
         self.attn, self.norm1 = CrossAttention(dim, heads, head_dim), nn.LayerNorm(dim)
         self.ff, self.norm2 = FeedForward(dim, ff_mult), nn.LayerNorm(dim)
 
-    def forward(self, q: torch.Tensor, f: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = self.norm1(q + self.attn(q, f, mask))
         return self.norm2(q + self.ff(q))
 
@@ -153,7 +152,7 @@ class RegionPerceiver(nn.Module):
         allow = (m.sigmoid() >= self.mask_threshold).flatten(2)  # (B, M, H*W)
         return allow | ~allow.any(dim=-1, keepdim=True)
 
-    def forward(self, feats: torch.Tensor, queries: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, feats: torch.Tensor, queries: torch.Tensor | None = None) -> dict:
         f = self._add_pos(self.in_proj(feats))  # (B, H, W, d)
         b = f.shape[0]
         q = self.query_embed.unsqueeze(0).expand(b, -1, -1) if queries is None else queries  # (B, M, d)
@@ -178,4 +177,4 @@ def build_perceiver(cfg: DictConfig, in_dim: int) -> RegionPerceiver:
                            pixel_ffn=p.pixel_ffn, mask_threshold=p.mask_threshold)
 
 
-__all__ = ["RegionPerceiver", "build_perceiver", "sine_position_encoding", "CrossAttention"]
+__all__ = ["CrossAttention", "RegionPerceiver", "build_perceiver", "sine_position_encoding"]
