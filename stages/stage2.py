@@ -101,7 +101,10 @@ class CodebookModule(L.LightningModule):
         self.train_regions = [r for r in regions if r.split == "train"]
         self.val_regions = [r for r in regions if r.split == "val"]
         self.dice_continuous = float(dice_continuous)
-        single = [(r.queries[~r.is_union], r.group) for r in self.train_regions]
+        if self.cfg.codebook.quantize_all:  # every final region query, matched or not
+            single = [(r.all_queries, r.group) for r in self.train_regions]
+        else:  # the GT-matched ones (what code assignment quantises)
+            single = [(r.queries[~r.is_union], r.group) for r in self.train_regions]
         self.bank_q = torch.cat([q for q, _ in single])  # (Q, d) every matched training query
         self.bank_g = torch.cat([torch.full((len(q),), g) for q, g in single])
         self.bank_pooled = torch.stack([r.pooled for r in self.train_regions])  # (I, D_enc)
@@ -196,6 +199,11 @@ class CodebookModule(L.LightningModule):
         self._val_codes = []
         usage, ppl, n = usage_stats(gc[1], gc[0], c.num_groups, c.num_codes)
         present = [g for g in range(len(names)) if n[g] > 0]
+        usage_all = torch.zeros(len(names))
+        if self.val_regions:  # every final region query of the validation images (N per image)
+            qa = torch.cat([r.all_queries for r in self.val_regions]).to(self.device)
+            ga = torch.cat([torch.full((len(r.all_queries),), r.group) for r in self.val_regions]).to(self.device)
+            usage_all = usage_stats(self.quantizer.quantize(qa, ga).codes.cpu(), ga.cpu(), c.num_groups, c.num_codes)[0]
         mod_acc = torch.tensor(float("nan"))
         if self.val_regions:
             pooled = torch.stack([r.pooled for r in self.val_regions]).to(self.device)  # (I, D_enc)
@@ -212,6 +220,7 @@ class CodebookModule(L.LightningModule):
             "val/dice_quantized": float(dice["dice"]), "val/dice_continuous": self.dice_continuous,
             "val/dice_quantized_group": {k.split("/", 1)[1]: float(v) for k, v in dice.items() if k.startswith("dice_group/")},
             "codebook_usage": {names[g]: float(usage[g]) for g in present},
+            "codebook_usage_all_queries": {names[g]: float(usage_all[g]) for g in present},
             "perplexity": {names[g]: float(ppl[g]) for g in present},
             "val_masks": {names[g]: int(n[g]) for g in present},
             "modality_accuracy": float(mod_acc),

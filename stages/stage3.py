@@ -330,12 +330,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, out = setup_run("stage3", argv)
     stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
     stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
+    if not cfg.stage3.phases:
+        raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
     timings: dict[str, float] = {}
     init: Path | None = None
-    module = None
+    module, rank0 = None, True
     for phase in cfg.stage3.phases:
-        tp = time.time()
-        pc = cfg.stage3[phase]
+        tp, pc = time.time(), cfg.stage3[phase]
+        if _finished(out, phase, cfg):
+            log.info("phase %s: finished earlier (resume=auto), continuing from its export", phase)
+            init, module = out / phase / "export", None
+            continue
         module = Stage3Module(to_dict(cfg), phase, str(stage1), str(stage2), str(out / "tokenizer"),
                               str(init) if init else None, total_steps=pc.max_steps)
         c = module.param_counts
@@ -344,10 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = build_trainer(cfg, out, max_steps=pc.max_steps, subdir=f"{phase}/",
                                 max_time={"seconds": pc.max_time_s} if pc.max_time_s else None)
         trainer.fit(module, datamodule=phase_data(cfg, phase), ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
-        init = out / phase / "export"
-        if getattr(module, "device_mesh", None) is not None:  # FSDP2: gather the full weights onto rank 0
+        init, rank0 = out / phase / "export", trainer.is_global_zero
+        if getattr(module, "device_mesh", None) is not None:  # FSDP2: gather the full weights (every rank)
             module = _unsharded(module)
-        if trainer.is_global_zero:
+        if rank0:
             val = evaluate(module.model, FEATURES, cfg, "val", module.coded, phase=phase,
                            max_batches=cfg.stage3.val_batches)
             if trainer.logger is not None:
@@ -355,10 +360,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log.info("phase %s: %d steps in %.0f s; %s", phase, trainer.global_step, time.time() - tp,
                      ", ".join(f"val/{k} {v:.3f}" for k, v in val.items()))
             save_joint(module.model, init, cfg, {"phase": phase, "codes_initialised": module.codes_initialised,
+                                                 "global_step": trainer.global_step,
                                                  **{f"val/{k}": v for k, v in val.items()}})
         trainer.strategy.barrier()
         timings[phase] = time.time() - tp
-    if trainer is None or not trainer.is_global_zero:
+    if not rank0:
         return {}
     final = out / "export"
     if final.exists():
@@ -367,14 +373,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = json.loads((final / "meta.json").read_text())
     meta.update(stage="stage3", phases=list(cfg.stage3.phases))
     (final / "meta.json").write_text(json.dumps(meta, indent=2))
+    model = module.model if module is not None else load_joint(final)[0]
+    coded = CodedText(stage2.parent / "coded")
     tt = time.time()
-    test = evaluate(module.model, FEATURES, cfg, "test", module.coded, max_batches=cfg.stage3.test_batches)
+    test = evaluate(model, FEATURES, cfg, "test", coded, max_batches=cfg.stage3.test_batches)
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
                **{f"time/{p}_s": t for p, t in timings.items()}, "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 3 done in %.0f s: %s; export %s", metrics["wall_time_s"],
              ", ".join(f"{k} {v:.3f}" for k, v in test.items()), final)
     return metrics
+
+
+def _finished(out: Path, phase: str, cfg) -> bool:
+    """resume=auto and this phase already wrote its export (a phase's export is written after its training)."""
+    return cfg.resume == "auto" and (out / phase / "export" / "meta.json").is_file()
 
 
 def components(cfg) -> dict[str, Any]:

@@ -73,21 +73,62 @@ def small_config(root: Path, out_root: Path, *overrides: str):
     return load_config("stage3", overrides=[f"data.root={root}", f"out_root={out_root}", "run_name=t", *SMALL, *overrides])
 
 
+def fake_loader(cfg, n: int = 16):
+    """In-memory grounded dialogues (codes in the text, one mask each) in the batch contract: no dataset
+    files and no MONAI import, so each process starts fast."""
+    from torch.utils.data import DataLoader
+
+    from medsight.vocab import code_token
+
+    g = torch.Generator().manual_seed(0)
+    s = cfg.data.image_size
+    items = []
+    for i in range(n):
+        mask = torch.zeros(1, s, s)
+        mask[0, : s // 2, i % s:] = 1
+        code = code_token(i % cfg.codebook.num_groups, i % cfg.codebook.num_codes)
+        items.append({"id": f"s{i}", "image": torch.randn(3, s, s, generator=g), "masks": mask,
+                      "conversations": [{"from": "human", "value": "<image>\nSegment the liver."},
+                                        {"from": "gpt", "value": f"Sure, the liver is at {code}."}]})
+
+    def collate(batch):
+        return {"id": [b["id"] for b in batch], "image": torch.stack([b["image"] for b in batch]),
+                "masks": torch.stack([b["masks"] for b in batch]), "mask_valid": torch.ones(len(batch), 1, dtype=torch.bool),
+                "conversations": [b["conversations"] for b in batch]}
+
+    return DataLoader(items, batch_size=4, shuffle=False, collate_fn=collate)
+
+
+def make_stage_exports(cfg) -> None:
+    """Random stage-1 export and a stage-2 export (random code embeddings, code names) without coded files."""
+    from medsight.export import save_export
+    from medsight.models import stage1_components
+    from medsight.vocab import code_token
+
+    torch.manual_seed(0)
+    run = Path(cfg.out_root) / cfg.run_name
+    save_export(run / "stage1" / "export", cfg, stage1_components(cfg))
+    names = [code_token(g, k) for g in range(cfg.codebook.num_groups) for k in range(cfg.codebook.num_codes)]
+    save_export(run / "stage2" / "export", cfg, {"code_embeddings": {"embeddings": torch.randn(len(names), cfg.perceiver.dim)}},
+                extra_meta={"code_tokens": names})
+    (work_corpus := Path(cfg.data.root) / "corpus.txt").parent.mkdir(parents=True, exist_ok=True)
+    work_corpus.write_text("Segment the liver.\nSure, the liver is at <mask>.\n")
+
+
 def main(workdir: str, strategy: str = "ddp") -> None:
     import lightning as L
 
     from medsight.config import to_dict
     from medsight.train import build_trainer
-    from stages.stage3 import Stage3Module, phase_data
+    from stages.stage3 import Stage3Module
 
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(workdir)
-    cfg = small_config(work / "syn", work / "ckpt", f"trainer.strategy={strategy}", "trainer.devices=2")
-    if "LOCAL_RANK" not in os.environ:  # rank 0 before launching rank 1: build the inputs once
-        make_synthetic(work / "syn")
-        make_exports(cfg)
+    cfg = small_config(work / "data", work / "ckpt", f"trainer.strategy={strategy}", "trainer.devices=2")
     run = Path(cfg.out_root) / cfg.run_name
+    if "LOCAL_RANK" not in os.environ:  # rank 0 before launching rank 1: build the inputs once
+        make_stage_exports(cfg)
     module = Stage3Module(to_dict(cfg), "ground", str(run / "stage1" / "export"), str(run / "stage2" / "export"),
                           str(run / "stage3" / "tokenizer"), total_steps=3)
 
@@ -99,8 +140,8 @@ def main(workdir: str, strategy: str = "ddp") -> None:
                 f"world={trainer.world_size} steps={trainer.global_step} checksum={float(w.double().sum()):.10e}\n")
 
     trainer = build_trainer(cfg, run / "stage3", max_steps=3, subdir="ddp/", callbacks=[Report()],
-                            limit_val_batches=0, enable_checkpointing=True)
-    trainer.fit(module, datamodule=phase_data(cfg, "ground"))
+                            limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=fake_loader(cfg))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ def test_phase_chain_exports_and_metrics(synthetic_root, tmp_path):
     assert all(torch.equal(state[k], own[k]) for k in state)
     res = model.answer(np.zeros((64, 64, 3), np.uint8), "Segment the liver.")
     assert isinstance(res["text"], str)
+    # resume=auto: finished phases are not trained again; the final export and metrics are rebuilt from them
+    again = main(_argv(cfg, "resume=auto"))
+    assert set(metrics) - set(again) == {"time/align_s", "time/ground_s", "time/instruct_s"}
+    assert all(torch.equal(state[k], v) for k, v in load_component(out / "export", "llm").items())
 
 
 def test_ddp_two_processes_cpu(tmp_path):

@@ -57,6 +57,7 @@ class Regions:
     labels: Tensor  # (T,) class id per target (0: not given)
     ann_ids: list[str]  # per target; unions are "a+b"
     is_union: Tensor  # (T,) bool
+    all_queries: Optional[Tensor] = None  # (N, d) every final region query (kept for training/validation splits)
     feats: Optional[Tensor] = None  # (H', W', D_enc) patch features (kept for training/validation splits)
     masks: Optional[Tensor] = None  # (T, S, S) bool targets (kept for training/validation splits)
 
@@ -123,7 +124,7 @@ def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dic
                 split=batch["split"][b], pooled=pooled[b].cpu(), queries=pred["queries"][b, pred_idx].float().cpu(),
                 pred_idx=pred_idx, labels=labels[b, :n].cpu(), ann_ids=list(batch["ann_ids"][b][:n]),
                 is_union=union[b, :n].cpu(),
-                feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
+                all_queries=pred["queries"][b].float().cpu() if keep else None, feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
     return out
 
 

@@ -129,10 +129,11 @@ class CodebookConfig:
     reseed_dead: bool = True  # re-seed codes unused since the last check from recent z of their group
     reseed_every: int = 50  # steps between dead-code checks
     standardize: bool = True  # standardise region queries per channel (training-set statistics) before W_q
-    init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the initial z of the training queries
+    init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the training queries' initial z
     query_batch: int = 1024  # cached matched queries per step for the cheap losses (recon, codebook, modality)
-    mask_every: int = 1  # decode masks for the mask loss every this many steps (the one expensive part of a step)
-    warmup_steps: int = 200  # first steps: only W_m and the modality head learn, on the initial codes, no decode
+    mask_every: int = 2  # decode masks for the mask loss every this many steps (the one expensive part of a step)
+    warmup_steps: int = 100  # first steps: only W_m and the modality head learn, on the initial codes, no decode
+    quantize_all: bool = False  # cheap losses on all N final queries of each image, not only the GT-matched ones
     encoder_lr_scale: float = 0.1  # lr of W_q and the codebooks relative to optim.lr (fast W_q moves collapse z)
 
 
