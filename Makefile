@@ -11,6 +11,7 @@ DATA ?= data/synthetic
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
 .PHONY: help install data stage1 stage2 stage3 eval predict demo test test-all bench lint tensorboard clean

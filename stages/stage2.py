@@ -13,15 +13,13 @@ and metrics.json.
 
 from __future__ import annotations
 
-import random
 import time
-from collections import defaultdict
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from medsight import codes
 from medsight.codes import Regions
@@ -30,50 +28,22 @@ from medsight.export import require_export, save_export, write_metrics
 from medsight.metrics.seg import MaskDice
 from medsight.models import build_vision, load_stage1
 from medsight.models.codebook import build_quantizer, quantizer_loss, usage_stats
-from medsight.models.matching import dice_loss, flatten_for_loss, loss_weights, sigmoid_bce_loss
-from medsight.train import (build_trainer, cosine_with_warmup, declare_trainable, default_precision, log, log_param_counts,
-                            resume_checkpoint, setup_run)
-from medsight.vocab import code_token
-
-
-class BucketBatches(Sampler):
-    """Batches of images with the same number M > 0 of GT masks (the decode runs M queries per image)."""
-
-    def __init__(self, sizes: list[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
-        self.batches: list[list[int]] = []
-        by_m = defaultdict(list)
-        for i, m in enumerate(sizes):
-            if m > 0:
-                by_m[m].append(i)
-        self.by_m, self.batch_size, self.shuffle, self.rng = by_m, batch_size, shuffle, random.Random(seed)
-
-    def _batches(self) -> list[list[int]]:
-        out = []
-        for idx in self.by_m.values():
-            idx = list(idx)
-            if self.shuffle:
-                self.rng.shuffle(idx)
-            out += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        if self.shuffle:
-            self.rng.shuffle(out)
-        return out
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        return sum(-(-len(v) // self.batch_size) for v in self.by_m.values())
-
-
-def collate_regions(regions: list[Regions]) -> dict[str, torch.Tensor]:
-    """Single GT masks of same-M images: feats (B,H',W',D), pooled (B,D), queries (B,M,d), masks (B,M,S,S),
-    labels (B,M), group (B,)."""
-    keep = [~r.is_union for r in regions]
-    return {"feats": torch.stack([r.feats for r in regions]), "pooled": torch.stack([r.pooled for r in regions]),
-            "queries": torch.stack([r.queries[k] for r, k in zip(regions, keep)]),
-            "masks": torch.stack([r.masks[k] for r, k in zip(regions, keep)]).float(),
-            "labels": torch.stack([r.labels[k] for r, k in zip(regions, keep)]),
-            "group": torch.tensor([r.group for r in regions])}
+from medsight.models.matching import (
+    dice_loss,
+    flatten_for_loss,
+    loss_weights,
+    sigmoid_bce_loss,
+)
+from medsight.train import (
+    build_trainer,
+    cosine_with_warmup,
+    declare_trainable,
+    default_precision,
+    log,
+    log_param_counts,
+    resume_checkpoint,
+    setup_run,
+)
 
 
 class CodebookModule(L.LightningModule):
@@ -111,8 +81,8 @@ class CodebookModule(L.LightningModule):
         self.bank_mod = torch.tensor([r.group for r in self.train_regions])
 
     def _loader(self, regions: list[Regions], batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = BucketBatches([r.num_single for r in regions], batch_size, shuffle, seed=self.cfg.seed)
-        return DataLoader(regions, batch_sampler=sampler, collate_fn=collate_regions)
+        sampler = codes.BucketBatches([r.num_single for r in regions], batch_size, shuffle, seed=self.cfg.seed)
+        return DataLoader(regions, batch_sampler=sampler, collate_fn=codes.collate_regions)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_regions, int(self.cfg.data.batch_size), True)
@@ -223,7 +193,7 @@ class CodebookModule(L.LightningModule):
             "codebook_usage_all_queries": {names[g]: float(usage_all[g]) for g in present},
             "perplexity": {names[g]: float(ppl[g]) for g in present},
             "val_masks": {names[g]: int(n[g]) for g in present},
-            "modality_accuracy": float(mod_acc),
+            "modality_accuracy": float(mod_acc), "step": self.global_step,
         }
         log.info("step %d  val/dice_quantized %.4f (continuous %.4f)  usage %s  modality acc %.3f", self.global_step,
                  dice["dice"], self.dice_continuous, {k: round(v, 2) for k, v in self.final_metrics["codebook_usage"].items()},
@@ -239,11 +209,6 @@ class CodebookModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def code_names(num_groups: int, num_codes: int) -> list[str]:
-    """`[C{m}_{k}]` for every code, modality-major (the order of code_embeddings rows)."""
-    return [code_token(g, k) for g in range(num_groups) for k in range(num_codes)]
-
-
 def components(cfg) -> dict[str, Any]:
     """Stage-2 components for `python -m medsight.inspect stage2`: the quantiser and the code-token count."""
     q = build_quantizer(cfg, enc_dim=build_vision(cfg).out_dim)
@@ -256,11 +221,11 @@ def process_start_time() -> float:
         import psutil
 
         return psutil.Process().create_time()
-    except Exception:  # pragma: no cover - psutil missing
+    except (ImportError, OSError):  # pragma: no cover - psutil missing
         return time.time()
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = process_start_time()
     cfg, out = setup_run("stage2", argv)
     stage1 = require_export(previous_export(cfg, "stage1"), "stage1")
@@ -282,9 +247,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     vci = cfg.trainer.val_check_interval
     trainer = build_trainer(cfg, out, check_val_every_n_epoch=None, val_check_interval=vci or 10**9)
     trainer.fit(model, ckpt_path=resume_checkpoint(cfg, out))
-    trainer.validate(model, verbose=False)  # final metrics of the final weights
+    if model.final_metrics.get("step") != trainer.global_step:  # fit stopped by the clock validates already
+        trainer.validate(model, verbose=False)  # final metrics of the final weights
     q = model.quantizer.eval()
-    names = code_names(cfg.codebook.num_groups, cfg.codebook.num_codes)
+    names = codes.code_names(cfg.codebook.num_groups, cfg.codebook.num_codes)
     with torch.no_grad():
         emb = {"embeddings": q.code_embeddings().float().cpu()}  # (G*K, d) modality-major
     save_export(out / "export", cfg, {"codebook": q, "code_embeddings": emb},
@@ -293,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
     report = codes.run_assignment(dm, q, regions, records, out / "coded")
-    metrics = {**model.final_metrics, "global_step": trainer.global_step,
+    metrics = {**{k: v for k, v in model.final_metrics.items() if k != "step"}, "global_step": trainer.global_step,
                "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 2 done in %.0f s: val/dice_quantized %.4f vs continuous %.4f; export %s", metrics["wall_time_s"],

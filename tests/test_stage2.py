@@ -1,5 +1,5 @@
 """Stage 2 (region codebook): strict hand-off from stage 1, the trainable set, export round trip, code
-assignment invariants and a fast_dev_run of the whole stage on a tiny synthetic dataset."""
+assignment invariants and a fast_dev_run of the whole stage on the session's small synthetic dataset."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from medsight.codes import Regions, code_record, consistency_report
 from medsight.config import load_config, run_dir
@@ -22,21 +23,14 @@ TINY = ["vision.width=32", "vision.depth=1", "perceiver.dim=32", "perceiver.num_
         "data.image_size=64", "data.batch_size=4", "data.eval_batch_size=8", "codebook.query_batch=64"]
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """A 24-image synthetic dataset (3 cases x 2 slices per group)."""
-    from medsight.data.synthetic import ensure_synthetic
-
-    root = tmp_path_factory.mktemp("syn")
-    cfg = load_config("stage2", overrides=["data.synthetic.cases_per_group=3", "data.synthetic.slices_per_case=2",
-                                           "data.synthetic.image_size=64"])
-    ensure_synthetic(root, cfg)
-    return root
+@pytest.fixture
+def tiny_root(synthetic_root) -> Path:
+    """The session's small synthetic dataset (tests/conftest.py)."""
+    return synthetic_root
 
 
 def _overrides(root: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.root={root}", f"out_root={out}", "run_name=t", "data.synthetic.cases_per_group=3",
-            "data.synthetic.slices_per_case=2", "data.synthetic.image_size=64", *TINY, *extra]
+    return [f"data.root={root}", f"out_root={out}", "run_name=t", *TINY, *extra]
 
 
 def _stage1_export(root: Path, out: Path, *extra: str) -> Path:
@@ -66,8 +60,11 @@ def test_strict_load_fails_on_dimension_mismatch(tmp_path, tiny_root):
     cfg = load_config("stage2", overrides=_overrides(tiny_root, tmp_path, "perceiver.dim=64"))
     with pytest.raises(ExportError, match=r"perceiver_dim: export 32 vs config 64"):
         CodebookModule(_plain(cfg), str(export))
-    # same recorded dims but different internals: strict loading names the mismatching keys
-    cfg = load_config("stage2", overrides=_overrides(tiny_root, tmp_path, "perceiver.ff_mult=2"))
+    # an export whose weights do not fit its own config: strict loading names the mismatching keys
+    other = load_config("stage1", overrides=_overrides(tiny_root, tmp_path / "o", "perceiver.ff_mult=2"))
+    save_file({k: v.contiguous() for k, v in stage1_components(other)["perceiver"].state_dict().items()},
+              str(export / "perceiver.safetensors"))
+    cfg = load_config("stage2", overrides=_overrides(tiny_root, tmp_path))
     with pytest.raises(ExportError, match=r"component 'perceiver' .*shape mismatches"):
         CodebookModule(_plain(cfg), str(export))
 

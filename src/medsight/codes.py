@@ -21,11 +21,13 @@ import copy
 import json
 import logging
 import os
+import random
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,9 +59,9 @@ class Regions:
     labels: Tensor  # (T,) class id per target (0: not given)
     ann_ids: list[str]  # per target; unions are "a+b"
     is_union: Tensor  # (T,) bool
-    all_queries: Optional[Tensor] = None  # (N, d) every final region query (kept for training/validation splits)
-    feats: Optional[Tensor] = None  # (H', W', D_enc) patch features (kept for training/validation splits)
-    masks: Optional[Tensor] = None  # (T, S, S) bool targets (kept for training/validation splits)
+    all_queries: Tensor | None = None  # (N, d) every final region query (kept for training/validation splits)
+    feats: Tensor | None = None  # (H', W', D_enc) patch features (kept for training/validation splits)
+    masks: Tensor | None = None  # (T, S, S) bool targets (kept for training/validation splits)
 
     @property
     def num_single(self) -> int:
@@ -128,6 +130,53 @@ def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dic
     return out
 
 
+# ------------------------------------------------------------------------ training batches (stage 2)
+class BucketBatches(torch.utils.data.Sampler):
+    """Batches of images with the same number M > 0 of GT masks (the decode runs M queries per image)."""
+
+    def __init__(self, sizes: list[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.batches: list[list[int]] = []
+        by_m = defaultdict(list)
+        for i, m in enumerate(sizes):
+            if m > 0:
+                by_m[m].append(i)
+        self.by_m, self.batch_size, self.shuffle, self.rng = by_m, batch_size, shuffle, random.Random(seed)
+
+    def _batches(self) -> list[list[int]]:
+        out = []
+        for idx in self.by_m.values():
+            idx = list(idx)
+            if self.shuffle:
+                self.rng.shuffle(idx)
+            out += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.shuffle:
+            self.rng.shuffle(out)
+        return out
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return sum(-(-len(v) // self.batch_size) for v in self.by_m.values())
+
+
+def collate_regions(regions: list[Regions]) -> dict[str, torch.Tensor]:
+    """Single GT masks of same-M images: feats (B,H',W',D), pooled (B,D), queries (B,M,d), masks (B,M,S,S),
+    labels (B,M), group (B,)."""
+    keep = [~r.is_union for r in regions]
+    return {"feats": torch.stack([r.feats for r in regions]), "pooled": torch.stack([r.pooled for r in regions]),
+            "queries": torch.stack([r.queries[k] for r, k in zip(regions, keep)]),
+            "masks": torch.stack([r.masks[k] for r, k in zip(regions, keep)]).float(),
+            "labels": torch.stack([r.labels[k] for r, k in zip(regions, keep)]),
+            "group": torch.tensor([r.group for r in regions])}
+
+
+def code_names(num_groups: int, num_codes: int) -> list[str]:
+    """`[C{m}_{k}]` for every code, modality-major (the order of code_embeddings rows)."""
+    return [code_token(g, k) for g in range(num_groups) for k in range(num_codes)]
+
+
+
 # ------------------------------------------------------------------------------------ which targets
 def read_records(dm: Any, kinds: Sequence[str] = KINDS) -> dict[tuple[str, str], list[Sample]]:
     """Parsed instruction / DiagSeg records per (kind, split) through the data layer's readers (missing
@@ -193,7 +242,7 @@ def region_loader(dm: Any, samples: list[Sample], batch_size: int) -> torch.util
         def __len__(self) -> int:
             return len(ds)
 
-        def __getitem__(self, i: int) -> Optional[dict]:
+        def __getitem__(self, i: int) -> dict | None:
             item = ds[i]
             if item is not None:
                 s = ds.samples[i]
@@ -353,7 +402,7 @@ def run_assignment(dm: Any, quantizer: nn.Module, regions: Sequence[Regions],
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="Assign region codes to instruction / DiagSeg data.")
     ap.add_argument("--export", required=True, help="stage-2 export directory")
     ap.add_argument("--stage1", default=None, help="stage-1 export (default: the one stage 2 was trained from)")
@@ -403,8 +452,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return report
 
 
-__all__ = ["Regions", "encode_regions", "read_records", "region_samples", "region_loader", "assign_codes",
-           "code_record", "write_coded", "consistency_report", "plot_consistency", "run_assignment", "main"]
+__all__ = [
+    "Regions",
+    "assign_codes",
+    "code_record",
+    "consistency_report",
+    "encode_regions",
+    "main",
+    "plot_consistency",
+    "read_records",
+    "region_loader",
+    "region_samples",
+    "run_assignment",
+    "write_coded",
+]
 
 if __name__ == "__main__":
     main()

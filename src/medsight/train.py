@@ -131,6 +131,8 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     ckpt_dir = out / f"{subdir}ckpt"
     cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
                            save_top_k=1 if monitor else 0, every_n_train_steps=None)]
+    if t.max_time_s:
+        cbs.append(WallClockBudget(float(t.max_time_s)))
     cbs += callbacks or []
     progress = t.enable_progress_bar if t.enable_progress_bar is not None else sys.stderr.isatty()
     kwargs: dict[str, Any] = dict(
@@ -140,7 +142,6 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
         precision=default_precision(cfg),
         max_epochs=t.max_epochs,
         max_steps=max_steps if max_steps is not None else t.max_steps,
-        max_time={"seconds": t.max_time_s} if t.max_time_s else None,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None if t.val_check_interval else 1,
         log_every_n_steps=t.log_every_n_steps,
@@ -181,6 +182,29 @@ def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[
     if not path.is_file():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
     return str(path)
+
+
+class WallClockBudget:
+    """Stop fitting after `seconds` of wall time in THIS process (a resumed run gets a fresh budget;
+    Lightning's own `max_time` would restore the time already spent from the checkpoint)."""
+
+    def __new__(cls, seconds: float):  # built lazily so importing medsight.train does not import lightning
+        from lightning.pytorch.callbacks import Callback
+
+        class _Budget(Callback):
+            def __init__(self, seconds: float) -> None:
+                self.seconds, self.t0 = seconds, None
+
+            def on_train_start(self, trainer, pl_module) -> None:
+                self.t0 = time.time()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                if self.t0 is not None and time.time() - self.t0 > self.seconds and not trainer.should_stop:
+                    log.info("wall-clock budget of %.0f s reached at step %d: stopping", self.seconds,
+                             trainer.global_step)
+                    trainer.should_stop = True
+
+        return _Budget(seconds)
 
 
 class Stopwatch:

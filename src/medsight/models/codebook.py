@@ -13,7 +13,7 @@ options against dead codes: EMA codebook updates and re-seeding unused codes fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -263,7 +263,7 @@ def usage_stats(codes: Tensor, groups: Tensor, num_groups: int, num_codes: int) 
     return usage, perplexity, n
 
 
-def build_quantizer(cfg, enc_dim: Optional[int] = None) -> RegionQuantizer:
+def build_quantizer(cfg, enc_dim: int | None = None) -> RegionQuantizer:
     """RegionQuantizer from the full config (`codebook` + `perceiver.dim`; enc_dim defaults to the
     vision width of the tiny encoder)."""
     c = cfg.codebook
@@ -273,7 +273,7 @@ def build_quantizer(cfg, enc_dim: Optional[int] = None) -> RegionQuantizer:
     )
 
 
-def load_quantizer(export_dir, cfg=None) -> tuple[RegionQuantizer, "DictConfig"]:
+def load_quantizer(export_dir, cfg=None) -> tuple[RegionQuantizer, DictConfig]:
     """The quantiser of a stage-2 export (strictly loaded, eval mode) and the config it was built with
     (`cfg` overrides the export's own config.yaml)."""
     from medsight.export import load_into, read_export_config, read_meta, require_export
@@ -285,5 +285,11 @@ def load_quantizer(export_dir, cfg=None) -> tuple[RegionQuantizer, "DictConfig"]
     return q.eval(), cfg
 
 
-__all__ = ["RegionQuantizer", "QuantizerOutput", "quantizer_loss", "usage_stats", "build_quantizer",
-           "load_quantizer"]
+__all__ = [
+    "QuantizerOutput",
+    "RegionQuantizer",
+    "build_quantizer",
+    "load_quantizer",
+    "quantizer_loss",
+    "usage_stats",
+]
