@@ -93,7 +93,8 @@ class CodebookModule(L.LightningModule):
     def on_fit_start(self) -> None:
         for k in ("bank_q", "bank_g", "bank_pooled", "bank_mod"):
             setattr(self, k, getattr(self, k).to(self.device))
-        if self.global_step == 0:  # a fresh run (a resumed one keeps its statistics and codes)
+        if not bool(self.quantizer.initialized):  # a resumed run keeps its statistics and codes
+            self.quantizer.initialized.fill_(True)
             if self.cfg.codebook.standardize:
                 self.quantizer.set_input_stats(self.bank_q)
             if self.cfg.codebook.init_from_data:  # k-means++ codes on the initial z

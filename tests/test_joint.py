@@ -195,8 +195,8 @@ def test_lora_instruct_save_reload_equal(tmp_path):
     assert meta["lora"]["r"] == 4
     a, b = dict(model.named_parameters()), dict(loaded.named_parameters())
     assert set(a) == set(b)
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
+    for n, w in a.items():
+        assert torch.equal(w, b[n]), n
     emb = lambda m: m.causal_lm().get_input_embeddings().weight[m.code_ids]
     assert torch.equal(emb(model), emb(loaded))
     assert torch.equal(model.causal_lm().lm_head.weight, loaded.causal_lm().lm_head.weight)
@@ -235,5 +235,5 @@ def test_inference_imports_no_lightning():
     import sys
 
     code = "import sys, medsight, medsight.model; medsight.model.MedSight; print('lightning' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -183,3 +183,14 @@ def test_stage2_fast_dev_run(tmp_path, tiny_root):
     codes_main(["--export", str(out / "export"), "--data", str(tiny_root), "--out", str(tmp_path / "cli")])
     for f in ("instruct/val.json", "diagseg/test.json"):
         assert (tmp_path / "cli" / f).read_text() == (out / "coded" / f).read_text()
+
+
+def test_bucket_batches_group_images_by_mask_count():
+    from medsight.codes import BucketBatches
+
+    sizes = [1, 3, 0, 3, 1, 1, 2, 3, 0]
+    sampler = BucketBatches(sizes, batch_size=2, shuffle=True, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5  # sizes 1: 3 images -> 2 batches, 2: 1, 3: 3 -> 2
+    assert all(len({sizes[i] for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == [i for i, m in enumerate(sizes) if m > 0]

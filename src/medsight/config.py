@@ -166,7 +166,8 @@ class LLMConfig:
     separate_projectors: bool = False  # separate v->t projectors for patch and region tokens
     patch_pool: Optional[int] = None  # average-pool the patch grid by this factor before the v->t projector;
     #                                   None: 4 for the tiny LLM (CPU budget), 1 otherwise (the paper: all 576)
-    patch_pool_mode: str = "avg"  # avg | max (max keeps small, strong features such as lesions)
+    patch_pool_mode: str = "avg"  # avg | max
+    system_prompt: Optional[str] = "You are a medical assistant."  # system turn text; null/"": no system turn
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)

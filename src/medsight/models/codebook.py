@@ -78,6 +78,7 @@ class RegionQuantizer(nn.Module):
         # per-channel statistics of the region queries, applied before W_q (identity until set_input_stats)
         self.register_buffer("query_mean", torch.zeros(dim))
         self.register_buffer("query_std", torch.ones(dim))
+        self.register_buffer("initialized", torch.tensor(False))  # set by the data-dependent initialisation
         # EMA statistics (used only when ema=True) and usage since the last dead-code check
         self.register_buffer("ema_count", torch.ones(num_groups, num_codes))
         self.register_buffer("ema_sum", self.codebook.detach().clone())

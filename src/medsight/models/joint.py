@@ -40,11 +40,11 @@ def to_messages(conversation: list[dict], system: str | None = SYSTEM_PROMPT) ->
 
 
 def encode_conversation(tokenizer, conversation: list[dict], generation_prompt: bool = False,
-                        max_length: int | None = None) -> tuple[list[int], list[int]]:
+                        max_length: int | None = None, system: str | None = SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation rendered with the tokenizer's chat template. Labels keep the
     tokens of assistant contents plus the end-of-turn token that follows each; everything else is -100.
     `generation_prompt=True` renders the prompt for the next assistant turn (no labels needed)."""
-    msgs = to_messages(conversation)
+    msgs = to_messages(conversation, system)
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
     spans, pos = [], 0
     for m in msgs:
@@ -121,7 +121,7 @@ class MedSightLM(nn.Module):
     def __init__(self, vision: nn.Module, perceiver: nn.Module, llm: nn.Module, tokenizer, code_tokens: list[str],
                  code_ids: list[int], d_enc: int, d_perc: int, separate_projectors: bool = False,
                  mask_loss_weight: float = 1.0, max_length: int | None = None, patch_pool: int = 1,
-                 patch_pool_mode: str = "avg") -> None:
+                 patch_pool_mode: str = "avg", system_prompt: str | None = SYSTEM_PROMPT) -> None:
         super().__init__()
         hidden = llm.config.hidden_size
         self.vision, self.perceiver, self.llm = vision, perceiver, llm
@@ -132,6 +132,7 @@ class MedSightLM(nn.Module):
         self.mask_loss_weight = mask_loss_weight
         self.max_length = max_length
         self.patch_pool, self.patch_pool_mode = patch_pool, patch_pool_mode
+        self.system_prompt = system_prompt or None
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []
@@ -167,7 +168,8 @@ class MedSightLM(nn.Module):
         for conv in conversations:
             key = repr((conv, generation_prompt))
             if key not in self._tok_cache:
-                self._tok_cache[key] = encode_conversation(self.tokenizer, conv, generation_prompt, self.max_length)
+                self._tok_cache[key] = encode_conversation(self.tokenizer, conv, generation_prompt, self.max_length,
+                                                             self.system_prompt)
             ids, lab = self._tok_cache[key]
             seqs.append(ids)
             labs.append(lab)
