@@ -217,6 +217,47 @@ def phase_data(cfg, phase: str):
     return MedicalDataModule(cfg, "instruct", sources=sources)
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Training batches of similar text length: a batch costs as much as its longest sequence, and mixing
+    one-line VQA with three-turn dialogues would pad most of every batch. Shuffle, sort within pools of
+    `pool` batches, shuffle the batches; each process takes every world-th batch (same count on each)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.pool, self.epoch = lengths, batch_size, seed, pool, 0
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), self.batch_size
+        batches = []
+        for i in range(0, len(perm), self.pool * bs):
+            chunk = sorted(perm[i:i + self.pool * bs], key=self.lengths.__getitem__)
+            batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs) if len(chunk[j:j + bs]) == bs]
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return batches[: len(batches) // world * world][rank::world]
+
+    def __iter__(self):
+        batches = self._batches()
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def phase_loader(cfg, phase: str) -> torch.utils.data.DataLoader:
+    """The phase's training DataLoader over `phase_data`'s train split, length-grouped."""
+    dm = phase_data(cfg, phase)
+    ds = dm.dataset("train")
+    lengths = [sum(len(t["value"]) for t in s.conversations) if s.conversations else
+               len(s.question or "") + len(s.answer or "") for s in ds.samples]
+    sampler = LengthGroupedBatches(lengths, int(cfg.data.batch_size), seed=int(cfg.seed))
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=dm.collate_fn,
+                                       num_workers=int(cfg.data.num_workers))
+
+
 # ------------------------------------------------------------------------------------- evaluation
 NAMES_TARGET = re.compile(r"\b(segment|where is) the\b", re.IGNORECASE)  # "Segment the liver.", "Where is the heart?"
 
@@ -359,9 +400,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c = module.param_counts
         log.info("phase %s: %s trainable (%s in code-token rows), %s frozen", phase, f"{c['trainable']:,}",
                  f"{c['code_rows']:,}", f"{c['frozen']:,}")
-        trainer = build_trainer(cfg, out, max_steps=pc.max_steps, subdir=f"{phase}/",
+        trainer = build_trainer(cfg, out, max_steps=pc.max_steps, subdir=f"{phase}/", use_distributed_sampler=False,
                                 max_time={"seconds": pc.max_time_s} if pc.max_time_s else None)
-        trainer.fit(module, datamodule=phase_data(cfg, phase), ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
+        trainer.fit(module, train_dataloaders=phase_loader(cfg, phase),
+                    ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
         init, rank0 = out / phase / "export", trainer.is_global_zero
         if getattr(module, "device_mesh", None) is not None:  # FSDP2: gather the full weights (every rank)
             module = _unsharded(module)

@@ -79,6 +79,18 @@ def _load_json(path: PathLike) -> Any:
         raise DataError(f"{path}: cannot parse JSON ({e})", path=path) from None
 
 
+def _record_file(path: PathLike, image_root: PathLike | None) -> tuple[Path, str, Path, list]:
+    """(path, its name for messages, the folder image paths are relative to, the JSON list of records).
+    Image paths default to being relative to the dataset root (the folder above the JSON's folder)."""
+    path = Path(path)
+    src = str(path)
+    base = Path(image_root) if image_root is not None else path.parent.parent
+    rows = _load_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{src}: expected a JSON list of records", path=src)
+    return path, src, base, rows
+
+
 def _get(row: Any, key: str, types: type | tuple, src: str, where: str, optional: bool = False) -> Any:
     """row[key] checked against `types`; DataError names file, record and field."""
     if not isinstance(row, dict):
@@ -228,12 +240,7 @@ def read_conversations(path: PathLike, modality_groups: Sequence[str], image_roo
     modality[, mask_classes {ann_id: class id}]}. The i-th `<mask>` across the answers <-> mask_orders[i].
     Paths relative to `image_root` (default: the JSON folder's parent, i.e. the dataset root)."""
     policy = policy or ErrorPolicy()
-    path = Path(path)
-    src = str(path)
-    base = Path(image_root) if image_root is not None else path.parent.parent
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{src}: expected a JSON list of records", path=src)
+    path, src, base, rows = _record_file(path, image_root)
     out = []
     for k, row in enumerate(rows):
         try:
@@ -273,12 +280,7 @@ def read_vqa(path: PathLike, modality_groups: Sequence[str], image_root: PathLik
              policy: ErrorPolicy | None = None) -> list[Sample]:
     """LLaVA-Med VQA: {id, image, conversations [question, answer], answer_type CLOSED|OPEN[, modality]}."""
     policy = policy or ErrorPolicy()
-    path = Path(path)
-    src = str(path)
-    base = Path(image_root) if image_root is not None else path.parent.parent
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{src}: expected a JSON list of records", path=src)
+    path, src, base, rows = _record_file(path, image_root)
     out = []
     for k, row in enumerate(rows):
         try:
@@ -308,12 +310,7 @@ def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: 
     """OmniMedVQA multiple choice: {question_id, question, gt_answer, image_path, option_A..option_D[,
     modality_type]}; gt_answer must be one of the options."""
     policy = policy or ErrorPolicy()
-    path = Path(path)
-    src = str(path)
-    base = Path(image_root) if image_root is not None else path.parent.parent
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{src}: expected a JSON list of records", path=src)
+    path, src, base, rows = _record_file(path, image_root)
     out = []
     for k, row in enumerate(rows):
         try:
@@ -345,12 +342,7 @@ def read_diagseg(path: PathLike, modality_groups: Sequence[str], image_root: Pat
     answer_type, modality}. A nested mask_ids entry is the union of those masks. Also filled in as a
     one-turn conversation so the instruct task can train on it (ann_ids: "id" or "id1+id2" for unions)."""
     policy = policy or ErrorPolicy()
-    path = Path(path)
-    src = str(path)
-    base = Path(image_root) if image_root is not None else path.parent.parent
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{src}: expected a JSON list of records", path=src)
+    path, src, base, rows = _record_file(path, image_root)
     out = []
     for k, row in enumerate(rows):
         try:
