@@ -219,18 +219,21 @@ def phase_data(cfg, phase: str):
 
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Training batches of similar text length: a batch costs as much as its longest sequence, and mixing
-    one-line VQA with three-turn dialogues would pad most of every batch. Shuffle, sort within pools of
-    `pool` batches, shuffle the batches; each process takes every world-th batch (same count on each)."""
+    one-line VQA with three-turn dialogues would pad most of every batch. Shuffle, order pools of `pool`
+    batches by length bucket (`bucket` characters; random inside a bucket), cut, shuffle the batches; each
+    process takes every world-th batch (the same count on each)."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool: int = 50) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool: int = 50, bucket: int = 64) -> None:
         self.lengths, self.batch_size, self.seed, self.pool, self.epoch = lengths, batch_size, seed, pool, 0
+        self.bucket = bucket  # characters per length bucket
 
     def _batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), self.batch_size
         batches = []
         for i in range(0, len(perm), self.pool * bs):
-            chunk = sorted(perm[i:i + self.pool * bs], key=self.lengths.__getitem__)
+            # coarse buckets, random order inside (sorting by exact length would batch identical questions)
+            chunk = sorted(perm[i:i + self.pool * bs], key=lambda k: self.lengths[k] // self.bucket)
             batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs) if len(chunk[j:j + bs]) == bs]
         batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
         world, rank = 1, 0
@@ -405,6 +408,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.fit(module, train_dataloaders=phase_loader(cfg, phase),
                     ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
         init, rank0 = out / phase / "export", trainer.is_global_zero
+        if module.coded.missing:
+            log.warning("phase %s: %d grounded records had no code-assigned text in %s and were skipped", phase,
+                        module.coded.missing, stage2.parent / "coded")
         if getattr(module, "device_mesh", None) is not None:  # FSDP2: gather the full weights (every rank)
             module = _unsharded(module)
         if rank0:
