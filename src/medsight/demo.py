@@ -31,7 +31,16 @@ def _load(path: Path) -> dict:
 
 
 def _pick_example(data: Path) -> tuple[str, str]:
-    """A test image with a finding, and a question that asks to segment it."""
+    """A test image and a grounded question about it: preferably one that names several structures (the
+    overlay then shows several labelled masks), else any segmentation request, else a DiagSeg question."""
+    dialogues = data / "instruct" / "test.json"
+    if dialogues.is_file():
+        items = json.loads(dialogues.read_text())
+        for prefix in ("Segment all", "Segment the"):
+            for item in items:
+                question = item["conversations"][0]["value"].replace("<image>", "").strip()
+                if question.startswith(prefix) and item.get("mask_orders"):
+                    return str(data / item["image"]), question
     diag = data / "diagseg" / "test.json"
     if diag.is_file():
         items = json.loads(diag.read_text())
