@@ -138,7 +138,7 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=_strategy(t.strategy),
+        strategy=_strategy(t.strategy, t.devices),
         precision=default_precision(cfg),
         max_epochs=t.max_epochs,
         max_steps=max_steps if max_steps is not None else t.max_steps,
@@ -160,9 +160,16 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     return L.Trainer(**kwargs)
 
 
-def _strategy(name: str) -> Any:
+def _strategy(name: str, devices: Any = "auto") -> Any:
+    """`model_parallel`/`fsdp2`: FSDP2 over every process. Lightning's "auto" sizes put a node's devices on the
+    tensor-parallel axis, which leaves the data-parallel (FSDP) mesh at size 1: nothing would be sharded."""
     if name in ("model_parallel", "fsdp2"):
         from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(devices, int) and devices > 0:
+            return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+        log.warning("trainer.strategy=%s with devices=%r: mesh sizes left to Lightning (set trainer.devices to a "
+                    "number to shard over every process)", name, devices)
         return ModelParallelStrategy()
     return name
 
