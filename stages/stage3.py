@@ -378,7 +378,7 @@ def process_start_time() -> float:
         import psutil
 
         return psutil.Process().create_time()
-    except Exception:  # psutil missing
+    except ImportError:  # psutil missing
         return time.time()
 
 

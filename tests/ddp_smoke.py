@@ -134,10 +134,17 @@ def main(workdir: str, strategy: str = "ddp") -> None:
 
     class Report(L.Callback):
         def on_train_end(self, trainer, pl_module):
-            full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pl_module.parameters() if p.requires_grad]
-            w = torch.cat([p.detach().flatten() for p in full])  # FSDP2: gathered (collective, every rank)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            # the full weights (FSDP2: gathered; a collective, so every rank calls it)
+            state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True))
+            names = [n for n, p in pl_module.model.named_parameters() if p.requires_grad]
+            w = torch.cat([state[n].detach().double().flatten() for n in names])
             (work / f"rank{trainer.global_rank}.txt").write_text(
-                f"world={trainer.world_size} steps={trainer.global_step} checksum={float(w.double().sum()):.10e}\n")
+                f"world={trainer.world_size} steps={trainer.global_step} checksum={float(w.sum()):.10e}\n")
 
     trainer = build_trainer(cfg, run / "stage3", max_steps=3, subdir="ddp/", callbacks=[Report()],
                             limit_val_batches=0)

@@ -34,7 +34,7 @@ class SyntheticConfig:
 
     seed: int = 0
     image_size: int = 128  # written PNG side (BiomedParse writes 1024; the reader resizes anyway)
-    cases_per_group: int = 24  # patients per modality group
+    cases_per_group: int = 48  # patients per modality group (10 test, 10 val at val_fraction 0.25, 28 train)
     slices_per_case: int = 6  # 2D slices per patient
     test_fraction: float = 0.2  # fraction of cases written to test/
     lesion_free_fraction: float = 0.25  # fraction of slices without any lesion
@@ -168,6 +168,8 @@ class LLMConfig:
     #                                   None: 4 for the tiny LLM (CPU budget), 1 otherwise (the paper: all 576)
     patch_pool_mode: str = "avg"  # avg | max
     system_prompt: Optional[str] = "You are a medical assistant."  # system turn text; null/"": no system turn
+    attention_dropout: float = 0.0  # tiny only (Qwen3 attention dropout)
+    image_dropout: float = 0.0  # dropout on the projected image tokens while training (regularises small data)
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)
