@@ -31,20 +31,11 @@ from medsight.train import (
     declare_trainable,
     log,
     log_param_counts,
+    process_start_time,
     resume_checkpoint,
     setup_run,
 )
 from medsight.viz import mask_grid, matched_predictions
-
-
-def process_start_time() -> float:
-    """When this process started (wall_time_s counts start-up too)."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except (ImportError, OSError):  # pragma: no cover - psutil missing
-        return time.time()
 
 
 class PerceiverModule(L.LightningModule):

@@ -41,6 +41,7 @@ from medsight.train import (
     default_precision,
     log,
     log_param_counts,
+    process_start_time,
     resume_checkpoint,
     setup_run,
 )
@@ -214,16 +215,6 @@ def components(cfg) -> dict[str, Any]:
     """Stage-2 components for `python -m medsight.inspect stage2`: the quantiser and the code-token count."""
     q = build_quantizer(cfg, enc_dim=build_vision(cfg).out_dim)
     return {"codebook": q, "code_tokens": cfg.codebook.num_groups * cfg.codebook.num_codes}
-
-
-def process_start_time() -> float:
-    """When this process started (wall_time_s counts start-up too)."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except (ImportError, OSError):  # pragma: no cover - psutil missing
-        return time.time()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

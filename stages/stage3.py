@@ -21,10 +21,8 @@ import os
 # other processes (measured: 9-13 s instead of 0.25 s per step at load 8); passive waiting should cost little.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -35,30 +33,21 @@ import torch
 
 from medsight.config import from_dict, run_dir, to_dict
 from medsight.export import load_component, read_meta, require_export, write_metrics
+from medsight.joint_data import CodedText, FeatureCache, phase_loader
+from medsight.joint_eval import evaluate
 from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
-from medsight.models.joint import apply_lora, dice_score, row_masked_params, set_phase
+from medsight.models.joint import apply_lora, row_masked_params, set_phase
 from medsight.models.llm import init_code_embeddings
-from medsight.train import build_trainer, log, resume_checkpoint, setup_run
+from medsight.train import (
+    build_trainer,
+    log,
+    process_start_time,
+    resume_checkpoint,
+    setup_run,
+)
 
-
-class FeatureCache:
-    """Frozen stage-1 outputs per image (keyed by the image tensor's bytes): (patch feats, region tokens)."""
-
-    def __init__(self) -> None:
-        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest() for img in images]
-        todo = [i for i, k in enumerate(keys) if k not in self.store]
-        if todo:
-            feats, regions = model.encode_images(images[todo])
-            for j, i in enumerate(todo):
-                self.store[keys[i]] = (feats[j], regions[j])
-        return (torch.stack([self.store[k][0] for k in keys]), torch.stack([self.store[k][1] for k in keys]))
-
-
-FEATURES = FeatureCache()  # shared by every phase of this process
+FEATURES = FeatureCache()  # frozen outputs per image, shared by every phase of this process
 
 
 class Stage3Module(L.LightningModule):
@@ -88,6 +77,7 @@ class Stage3Module(L.LightningModule):
         if lora:
             lo = cfg.llm.lora
             apply_lora(model, lo.r, lo.alpha, lo.dropout, list(lo.target_modules))
+        model.set_dropout(cfg.llm.attention_dropout, cfg.llm.image_dropout)
         self.model = model
         self.phase = phase
         self.phase_key = phase + ("+lora" if lora else "")
@@ -118,15 +108,18 @@ class Stage3Module(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         """AdamW (row-masked embeddings without weight decay: decay would move the frozen rows), warm-up then
-        cosine over the phase. Progress = the larger of step/max_steps and, on one process, elapsed/max_time_s,
-        so a phase cut by its time budget still ends annealed."""
+        cosine over the phase. Progress = the larger of step/total (max_steps, or the steps of max_epochs) and,
+        on one process, elapsed/max_time_s, so a phase cut by its time budget still ends annealed."""
         o, pc = self.cfg.optim, self.cfg.stage3[self.phase]
         rows = {id(p) for p in row_masked_params(self.model)}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if id(p) not in rows], "weight_decay": o.weight_decay},
                   {"params": [p for p in trainable if id(p) in rows], "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=pc.lr)
-        total, budget = max(1, self.hparams.total_steps), pc.max_time_s
+        total = self.hparams.total_steps
+        if pc.max_epochs:  # Lightning's count: epochs x batches per process / gradient accumulation
+            total = int(self.trainer.estimated_stepping_batches)
+        total, budget = max(1, total), pc.max_time_s
         timed = budget is not None and self.trainer.world_size == 1
         start = time.time()
 
@@ -165,200 +158,7 @@ class Stage3Module(L.LightningModule):
         set_phase(self.model, self.phase_key)  # sharding made new parameters: declare again (and row masks)
 
 
-# ------------------------------------------------------------------------------------------- data
-class CodedText:
-    """Stage 2's code-assigned text (`stage2/coded/{instruct,diagseg}/<split>.json`, every <mask> replaced by
-    its code token), looked up by record id; masks and images still come from the DataModule, in the same
-    order (the i-th code <-> the i-th mask)."""
-
-    def __init__(self, coded_dir: Path | str) -> None:
-        self.by_id: dict[str, list[dict]] = {}
-        for kind in ("instruct", "diagseg"):
-            for f in sorted((Path(coded_dir) / kind).glob("*.json")):
-                for r in json.loads(f.read_text()):
-                    if "conversations" in r:
-                        self.by_id[str(r["id"])] = r["conversations"]
-                    else:  # DiagSeg record
-                        self.by_id[str(r["qa_id"])] = [{"from": "human", "value": "<image>\n" + r["question"]},
-                                                       {"from": "gpt", "value": r["answer"]}]
-        self.missing = 0
-
-    def conversations(self, batch: dict) -> tuple[list[list[dict]], list[bool]]:
-        """Conversations of a batch with code tokens in place of <mask>; keep[i] False where stage 2 has no
-        coded version of a grounded record (counted in `missing`)."""
-        convs, keep = [], []
-        n = len(batch["id"])
-        for i in range(n):
-            if "conversations" in batch:
-                conv = batch["conversations"][i]
-            else:
-                conv = [{"from": "human", "value": "<image>\n" + batch["question"][i]},
-                        {"from": "gpt", "value": batch["answer"][i]}]
-            if any("<mask>" in t["value"] for t in conv):
-                coded = self.by_id.get(str(batch["id"][i]))
-                if coded is None:
-                    self.missing += 1
-                    keep.append(False)
-                    convs.append(conv)
-                    continue
-                conv = coded
-            convs.append(conv)
-            keep.append(True)
-        return convs, keep
-
-
-def phase_data(cfg, phase: str):
-    """align: VQA; ground: grounded dialogues + DiagSeg; instruct: those + VQA (as one-turn dialogues)."""
-    from medsight.data.datamodule import MedicalDataModule
-
-    if phase == "align":
-        return MedicalDataModule(cfg, "vqa")
-    sources = ("instruct", "diagseg") + (("vqa",) if phase == "instruct" else ())
-    return MedicalDataModule(cfg, "instruct", sources=sources)
-
-
-class LengthGroupedBatches(torch.utils.data.Sampler):
-    """Training batches of similar text length: a batch costs as much as its longest sequence, and mixing
-    one-line VQA with three-turn dialogues would pad most of every batch. Shuffle, order pools of `pool`
-    batches by length bucket (`bucket` characters; random inside a bucket), cut, shuffle the batches; each
-    process takes every world-th batch (the same count on each)."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool: int = 50, bucket: int = 64) -> None:
-        self.lengths, self.batch_size, self.seed, self.pool, self.epoch = lengths, batch_size, seed, pool, 0
-        self.bucket = bucket  # characters per length bucket
-
-    def _batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), self.batch_size
-        batches = []
-        for i in range(0, len(perm), self.pool * bs):
-            # coarse buckets, random order inside (sorting by exact length would batch identical questions)
-            chunk = sorted(perm[i:i + self.pool * bs], key=lambda k: self.lengths[k] // self.bucket)
-            batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs) if len(chunk[j:j + bs]) == bs]
-        batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return batches[: len(batches) // world * world][rank::world]
-
-    def __iter__(self):
-        batches = self._batches()
-        self.epoch += 1
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-
-def phase_loader(cfg, phase: str) -> torch.utils.data.DataLoader:
-    """The phase's training DataLoader over `phase_data`'s train split, length-grouped."""
-    dm = phase_data(cfg, phase)
-    ds = dm.dataset("train")
-    lengths = [sum(len(t["value"]) for t in s.conversations) if s.conversations else
-               len(s.question or "") + len(s.answer or "") for s in ds.samples]
-    sampler = LengthGroupedBatches(lengths, int(cfg.data.batch_size), seed=int(cfg.seed))
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=dm.collate_fn,
-                                       num_workers=int(cfg.data.num_workers))
-
-
 # ------------------------------------------------------------------------------------- evaluation
-NAMES_TARGET = re.compile(r"\b(segment|where is) the\b", re.IGNORECASE)  # "Segment the liver.", "Where is the heart?"
-
-
-def _masks_at(pred_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(M, h, w) logits -> (M, H, W) bool at the target size (bilinear, logit > 0)."""
-    if pred_logits.shape[0] == 0:
-        return torch.zeros((0, *size), dtype=torch.bool)
-    up = torch.nn.functional.interpolate(pred_logits[None].float(), size=size, mode="bilinear", align_corners=False)
-    return up[0] > 0
-
-
-@torch.no_grad()
-def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, phase: str | None = None,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Generation-based metrics on `split` (fractions in [0, 1]), with greedy decoding:
-    - VQA: closed accuracy and open recall (medsight.metrics.vqa, official protocol; `_strict` too);
-    - grounding dialogues: teacher-forced code-token accuracy; grounded Dice = mean Dice of the masks decoded
-      from GENERATED codes, on turns whose question names the target ("Segment the X", "Where is the X"),
-      the i-th emitted mask against the i-th mask of that turn (a missing one scores 0);
-    - DiagSeg (test, or phase None): diagnosis recall and Dice (medsight.metrics.diagseg: mean over emitted
-      masks per item, items with a target but no emitted mask score 0).
-    `phase` picks what is meaningful after it (align: VQA; ground: grounding; instruct/None: all)."""
-    from medsight.data.datamodule import MedicalDataModule
-    from medsight.metrics.diagseg import diagnosis_recall, item_dice
-    from medsight.metrics.vqa import answer_kind, score_vqa
-
-    was_training = model.training
-    model.eval()
-    new = int(cfg.stage3.max_new_tokens)
-    res: dict[str, float] = {}
-
-    def batches(dm):
-        for i, b in enumerate(getattr(dm, f"{split}_dataloader")()):
-            if max_batches is not None and i >= max_batches:
-                return
-            yield b
-
-    if phase in (None, "align", "instruct"):
-        items = []
-        for b in batches(MedicalDataModule(cfg, "vqa")):
-            feats, regions = features(model, b["image"])
-            convs = [[{"from": "human", "value": "<image>\n" + q}] for q in b["question"]]
-            for p, a, t in zip(model.predict(feats, regions, convs, new), b["answer"], b["answer_type"]):
-                items.append((answer_kind(t), a, p.text))
-        for proto in ("official", "strict"):
-            sc = score_vqa(items, proto)
-            sfx = "" if proto == "official" else "_strict"
-            res[f"closed_accuracy{sfx}"], res[f"open_recall{sfx}"] = sc.closed_accuracy / 100, sc.open_recall / 100
-    if phase in (None, "ground", "instruct"):
-        correct = total = 0
-        dices: list[float] = []
-        for b in batches(MedicalDataModule(cfg, "instruct", sources=("instruct",))):
-            convs, keep = coded.conversations(b)
-            feats, regions = features(model, b["image"])
-            tok = model.tokenize(convs)
-            out = model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions)
-            correct, total = correct + int(out["code_correct"]), total + int(out["code_total"])
-            prompts, rows, targets = [], [], []
-            for i, conv in enumerate(convs):
-                seen = 0
-                for j in range(1, len(conv), 2):
-                    n = int(model.is_code(torch.as_tensor(model.tokenizer.encode(conv[j]["value"],
-                                                                                 add_special_tokens=False))).sum())
-                    if n and keep[i] and NAMES_TARGET.search(conv[j - 1]["value"]):
-                        prompts.append(conv[:j])
-                        rows.append(i)
-                        targets.append(b["masks"][i, seen:seen + n] > 0.5)
-                        break
-                    seen += n
-            if prompts:
-                preds = model.predict(feats[rows], regions[rows], prompts, new)
-                for p, gt in zip(preds, targets):
-                    em = _masks_at(p.mask_logits, tuple(gt.shape[-2:]))
-                    for k in range(len(gt)):
-                        dices.append(float(dice_score(em[k], gt[k])) if k < len(em) else 0.0)
-        res["code_accuracy"] = correct / max(total, 1)
-        res["grounded_dice"] = sum(dices) / max(len(dices), 1)
-    if phase is None:
-        dm = MedicalDataModule(cfg, "instruct", sources=("diagseg",))
-        short = {s.id: s.extra.get("short_answer") or "" for s in dm.dataset(split).samples}
-        recalls, dice_items = [], []
-        for b in batches(dm):
-            feats, regions = features(model, b["image"])
-            convs = [[c[0]] for c in b["conversations"]]
-            for i, p in enumerate(model.predict(feats, regions, convs, new)):
-                recalls.append(diagnosis_recall(p.text, short[b["id"][i]]))
-                gts = [m.numpy() > 0.5 for m, v in zip(b["masks"][i], b["mask_valid"][i]) if v]
-                if gts:
-                    em = list(_masks_at(p.mask_logits, tuple(b["masks"].shape[-2:])).numpy())
-                    d = item_dice(em, gts)
-                    dice_items.append(0.0 if d is None else d)
-        res["diagseg_recall"] = sum(recalls) / max(len(recalls), 1)
-        res["diagseg_dice"] = sum(dice_items) / max(len(dice_items), 1)
-    model.train(was_training)
-    return res
-
-
 def _unsharded(module: Stage3Module) -> Stage3Module:
     """An unsharded copy of an FSDP2-trained module, built on every rank, full weights gathered (collective)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -371,15 +171,6 @@ def _unsharded(module: Stage3Module) -> Stage3Module:
     fresh.model.load_state_dict({k: v.detach().cpu() for k, v in full.items()}, strict=True)
     return fresh
 
-
-def process_start_time() -> float:
-    """When this process started (wall_time_s counts interpreter start-up and imports too)."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except ImportError:  # psutil missing
-        return time.time()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -403,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c = module.param_counts
         log.info("phase %s: %s trainable (%s in code-token rows), %s frozen", phase, f"{c['trainable']:,}",
                  f"{c['code_rows']:,}", f"{c['frozen']:,}")
-        trainer = build_trainer(cfg, out, max_steps=pc.max_steps, subdir=f"{phase}/", use_distributed_sampler=False,
+        trainer = build_trainer(cfg, out, max_steps=-1 if pc.max_epochs else pc.max_steps, subdir=f"{phase}/",
+                                max_epochs=pc.max_epochs or -1, use_distributed_sampler=False,
                                 max_time={"seconds": pc.max_time_s} if pc.max_time_s else None)
         trainer.fit(module, train_dataloaders=phase_loader(cfg, phase),
                     ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))

@@ -66,7 +66,7 @@ punct = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
 def normalize_word(token):
     _token = token
     for p in punct:
-        if (p + " " in token or " " + p in token) or (re.search(comma_strip, token) != None):
+        if (p + " " in token or " " + p in token) or (re.search(comma_strip, token) != None):  # noqa: E711 (as in the reference)
             _token = _token.replace(p, "")
         else:
             _token = _token.replace(p, " ")

@@ -237,3 +237,22 @@ def test_inference_imports_no_lightning():
     code = "import sys, medsight, medsight.model; medsight.model.MedSight; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_set_dropout_reaches_every_attention_layer_and_image_tokens(tmp_path):
+    """Dropout comes from the running config even when the weights come from an earlier phase's export: it
+    changes training outputs (not eval ones) and every attention layer reads the new rate."""
+    model, _ = small_joint(tmp_path)
+    model.set_dropout(attention=0.3, image=0.5)
+    attn = [m for m in model.llm.modules() if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float)]
+    assert attn and all(m.attention_dropout == 0.3 for m in attn)
+    assert model.causal_lm().config.attention_dropout == 0.3
+    feats, regions = model.encode_images(torch.randn(2, 3, 32, 32))
+    model.eval()
+    a, b = model.image_embeddings(feats, regions), model.image_embeddings(feats, regions)
+    assert torch.equal(a, b)
+    model.train()
+    c = model.image_embeddings(feats, regions)
+    assert (c == 0).float().mean() > 0.3 and not torch.equal(a, c)
+    model.set_dropout(attention=0.0, image=0.0)
+    assert torch.equal(model.image_embeddings(feats, regions), a)

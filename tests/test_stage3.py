@@ -82,6 +82,21 @@ def test_phase_chain_exports_and_metrics(synthetic_root, tmp_path):
     assert all(torch.equal(state[k], v) for k, v in load_component(out / "export", "llm").items())
 
 
+def test_phase_by_epochs(synthetic_root, tmp_path):
+    """stage3.<phase>.max_epochs (the paper overlay's recipe) trains one pass = every batch of the phase's loader."""
+    from medsight.config import load_config
+    from medsight.joint_data import phase_loader
+    from stages.stage3 import main
+
+    cfg = small_config(synthetic_root, tmp_path)
+    make_exports(cfg)
+    argv = _argv(cfg, "stage3.phases=[ground]", "stage3.ground.max_epochs=1", "stage3.ground.max_steps=1")
+    main(argv)
+    meta = json.loads((tmp_path / "t" / "stage3" / "ground" / "export" / "meta.json").read_text())
+    batches = len(phase_loader(load_config("stage3", overrides=argv), "ground"))
+    assert batches > 1 and meta["global_step"] == batches
+
+
 def test_ddp_two_processes_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_smoke.py"), str(tmp_path)], cwd=REPO,
                           check=False, capture_output=True, text=True, timeout=180, env=ENV)

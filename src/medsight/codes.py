@@ -126,7 +126,8 @@ def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dic
                 split=batch["split"][b], pooled=pooled[b].cpu(), queries=pred["queries"][b, pred_idx].float().cpu(),
                 pred_idx=pred_idx, labels=labels[b, :n].cpu(), ann_ids=list(batch["ann_ids"][b][:n]),
                 is_union=union[b, :n].cpu(),
-                all_queries=pred["queries"][b].float().cpu() if keep else None, feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
+                all_queries=pred["queries"][b].float().cpu() if keep else None,
+                feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
     return out
 
 

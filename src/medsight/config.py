@@ -168,7 +168,7 @@ class LLMConfig:
     #                                   None: 4 for the tiny LLM (CPU budget), 1 otherwise (the paper: all 576)
     patch_pool_mode: str = "avg"  # avg | max
     system_prompt: Optional[str] = "You are a medical assistant."  # system turn text; null/"": no system turn
-    attention_dropout: float = 0.0  # tiny only (Qwen3 attention dropout)
+    attention_dropout: float = 0.0  # dropout on attention weights while training (any Qwen/Llama-family LLM)
     image_dropout: float = 0.0  # dropout on the projected image tokens while training (regularises small data)
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
@@ -180,7 +180,8 @@ class PhaseConfig:
     """One stage-3 phase (align / ground / instruct)."""
 
     lr: float = 1e-3
-    max_steps: int = 300
+    max_steps: int = 300  # used when max_epochs is null
+    max_epochs: Optional[int] = None  # train this many passes over the phase's data instead (the paper's recipe)
     max_time_s: Optional[float] = None  # stop the phase after this many seconds (CPU budgets)
 
 

@@ -24,6 +24,16 @@ from medsight.config import load_config, offline_env, parse_cli, run_dir, save_c
 log = logging.getLogger("medsight")
 
 
+def process_start_time() -> float:
+    """When this process started (a stage's wall_time_s counts interpreter start-up and imports too)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except (ImportError, OSError):  # psutil missing or /proc unreadable
+        return time.time()
+
+
 def setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

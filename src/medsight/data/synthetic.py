@@ -335,9 +335,11 @@ def _pick_vqa(items: list, n: int, rng: np.random.Generator) -> list:
     out, k = [], int(rng.integers(0, 2))
     while len(out) < n and (len(ci) or len(oi)):
         if (k % 2 == 0 and len(ci)) or not len(oi):
-            out.append(closed[ci[0]]); ci = ci[1:]
+            out.append(closed[ci[0]])
+            ci = ci[1:]
         else:
-            out.append(open_[oi[0]]); oi = oi[1:]
+            out.append(open_[oi[0]])
+            oi = oi[1:]
         k += 1
     return out
 

@@ -83,7 +83,8 @@ class MaskDice(Metric):
         out = {"dice": (self.dice_sum / n).float(), "dice_oracle": (self.oracle_sum / n).float()}
         for c in range(len(self.class_sum)):
             if self.class_count[c] > 0:
-                out[f"dice_class/{self.class_names.get(c, str(c)).replace(' ', '_')}"] = (self.class_sum[c] / self.class_count[c]).float()
+                name = self.class_names.get(c, str(c)).replace(" ", "_")
+                out[f"dice_class/{name}"] = (self.class_sum[c] / self.class_count[c]).float()
         for g, name in enumerate(self.group_names):
             if self.group_count[g] > 0:
                 out[f"dice_group/{name}"] = (self.group_sum[g] / self.group_count[g]).float()

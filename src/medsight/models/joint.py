@@ -165,6 +165,16 @@ class MedSightLM(nn.Module):
         emb = self.projector_v2t(feats.flatten(1, 2), regions)
         return F.dropout(emb, self.image_dropout, self.training) if self.image_dropout else emb
 
+    def set_dropout(self, attention: float, image: float) -> None:
+        """Training-time regularisation from the running config (a phase loaded from an earlier export keeps
+        that export's weights, not its dropout): attention dropout in every LLM attention layer (the Qwen/Llama
+        families read `attention_dropout` at each forward) and dropout on the projected image tokens."""
+        self.image_dropout = float(image)
+        self.causal_lm().config.attention_dropout = float(attention)
+        for m in self.llm.modules():
+            if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+                m.attention_dropout = float(attention)
+
     def tokenize(self, conversations: list[list[dict]], generation_prompt: bool = False) -> dict[str, torch.Tensor]:
         """Left-padded input_ids, attention_mask, labels for a list of conversations (memoised per text)."""
         seqs, labs = [], []
