@@ -50,7 +50,7 @@ from medsight.train import (
 FEATURES = FeatureCache()  # frozen outputs per image, shared by every phase of this process
 
 
-class Stage3Module(L.LightningModule):
+class JointLLMModule(L.LightningModule):
     """One phase of stage 3 on the joint model (medsight.models.joint.MedSightLM)."""
 
     def __init__(self, config: dict[str, Any], phase: str, stage1: str, stage2: str, tokenizer_dir: str,
@@ -159,7 +159,7 @@ class Stage3Module(L.LightningModule):
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def _unsharded(module: Stage3Module) -> Stage3Module:
+def _unsharded(module: JointLLMModule) -> JointLLMModule:
     """An unsharded copy of an FSDP2-trained module, built on every rank, full weights gathered (collective)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -167,7 +167,7 @@ def _unsharded(module: Stage3Module) -> Stage3Module:
     )
 
     full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-    fresh = Stage3Module(**module.hparams)
+    fresh = JointLLMModule(**module.hparams)
     fresh.model.load_state_dict({k: v.detach().cpu() for k, v in full.items()}, strict=True)
     return fresh
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log.info("phase %s: finished earlier (resume=auto), continuing from its export", phase)
             init, module = out / phase / "export", None
             continue
-        module = Stage3Module(to_dict(cfg), phase, str(stage1), str(stage2), str(out / "tokenizer"),
+        module = JointLLMModule(to_dict(cfg), phase, str(stage1), str(stage2), str(out / "tokenizer"),
                               str(init) if init else None, total_steps=pc.max_steps)
         c = module.param_counts
         log.info("phase %s: %s trainable (%s in code-token rows), %s frozen", phase, f"{c['trainable']:,}",

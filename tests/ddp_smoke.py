@@ -120,7 +120,7 @@ def main(workdir: str, strategy: str = "ddp") -> None:
 
     from medsight.config import to_dict
     from medsight.train import build_trainer
-    from stages.stage3 import Stage3Module
+    from stages.stage3 import JointLLMModule
 
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,7 +129,7 @@ def main(workdir: str, strategy: str = "ddp") -> None:
     run = Path(cfg.out_root) / cfg.run_name
     if "LOCAL_RANK" not in os.environ:  # rank 0 before launching rank 1: build the inputs once
         make_stage_exports(cfg)
-    module = Stage3Module(to_dict(cfg), "ground", str(run / "stage1" / "export"), str(run / "stage2" / "export"),
+    module = JointLLMModule(to_dict(cfg), "ground", str(run / "stage1" / "export"), str(run / "stage2" / "export"),
                           str(run / "stage3" / "tokenizer"), total_steps=3)
 
     class Report(L.Callback):

@@ -38,7 +38,7 @@ class SyntheticConfig:
     slices_per_case: int = 6  # 2D slices per patient
     test_fraction: float = 0.2  # fraction of cases written to test/
     lesion_free_fraction: float = 0.25  # fraction of slices without any lesion
-    vqa_per_image: int = 3  # VQA questions generated per image
+    vqa_per_image: int = 6  # VQA questions generated per image (half closed, half open)
     instruct_per_image: int = 2  # grounded dialogues per image
     mcq_per_image: int = 1  # OmniMedVQA-style questions per image
 

@@ -39,7 +39,7 @@ from medsight.vocab import CLASSES, SYNTHETIC_MODALITY_GROUPS
 log = logging.getLogger(__name__)
 
 #: Bump when the generator's output changes for the same params (forces regeneration).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 OWNED = ("biomedparse", "vqa", "instruct", "diagseg", "omnimedvqa", "corpus.txt", "generator.json")
 
 
@@ -309,11 +309,13 @@ def _vqa_items(group: GroupSpec, lesions: list[str], rng: np.random.Generator) -
     else:
         ow = _modality_word(other)
         closed.append((f"Is this {_article(ow)} {ow} image?", "no"))
+    infected = {FINDING[t][1].split()[0] for t in lesions if "lung" in FINDING[t][1]}  # sides with an infection
     for t in lesions:
         finding, where = FINDING[t]
         if "lung" in where:
             side = "left" if rng.random() < 0.5 else "right"
-            closed.append((f"Is the {finding} in the {side} lung?", "yes" if where.startswith(side) else "no"))
+            # "yes" when that side has an infection (with both lungs infected, both sides are "yes")
+            closed.append((f"Is the {finding} in the {side} lung?", "yes" if side in infected else "no"))
     open_.append(("What modality is used to take this image?", mw))
     open_.append(("Which part of the body is shown in this image?", group.site))
     open_.append(("What organ is shown in this image?", " and ".join(sorted({o.split()[-1] for o in group.organs}))))
