@@ -33,6 +33,7 @@ from medsight.train import (
     log_param_counts,
     process_start_time,
     resume_checkpoint,
+    run_stage,
     setup_run,
 )
 from medsight.viz import mask_grid, matched_predictions
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

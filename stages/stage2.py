@@ -43,6 +43,7 @@ from medsight.train import (
     log_param_counts,
     process_start_time,
     resume_checkpoint,
+    run_stage,
     setup_run,
 )
 
@@ -260,4 +261,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -44,6 +44,7 @@ from medsight.train import (
     log,
     process_start_time,
     resume_checkpoint,
+    run_stage,
     setup_run,
 )
 
@@ -251,4 +252,4 @@ def components(cfg) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -40,6 +40,15 @@ def test_needs_stage1_and_stage2_exports(synthetic_root, tmp_path):
         main(_argv(cfg))
 
 
+def test_stage_cli_user_errors_are_one_line(tmp_path):
+    """`python -m stages.stage3` without exports, and with a config typo: exit 2, one line, no traceback."""
+    for extra, expected in ((["run_name=none"], "run make stage1 first"), (["stage3.instruct.max_step=1"], "max_steps")):
+        proc = subprocess.run([sys.executable, "-m", "stages.stage3", f"out_root={tmp_path}", *extra], cwd=REPO,
+                              check=False, capture_output=True, text=True, timeout=120, env=ENV)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_phase_chain_exports_and_metrics(synthetic_root, tmp_path):
     """align -> ground -> instruct, each from the previous phase's export; the final export loads strictly
     with medsight.load and holds exactly the instruct phase's weights (and stage 1's encoder/perceiver)."""

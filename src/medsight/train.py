@@ -34,6 +34,20 @@ def process_start_time() -> float:
         return time.time()
 
 
+def run_stage(main: Any) -> None:
+    """`python -m stages.stageN` entry: a user error (missing export, bad config key, bad data) ends with one
+    line naming the file/key and exit status 2, not a traceback; anything else propagates as usual."""
+    from medsight.config import ConfigError
+    from medsight.data import DataError
+    from medsight.export import ExportError
+
+    try:
+        main()
+    except (ExportError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

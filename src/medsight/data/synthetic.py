@@ -280,7 +280,8 @@ def case_of(file_name: str) -> str:
 
 # ------------------------------------------------------------------------------------------- text
 def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+    """By sound: "an MRI", "an X-ray", "a CT", "a tumor"."""
+    return "an" if word[0] in "aeiou" or word.split("-")[0] in ("MRI", "X") else "a"
 
 
 def _lesion_phrase(target: str) -> str:
