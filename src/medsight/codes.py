@@ -379,8 +379,8 @@ def plot_consistency(report: Mapping[str, Any], path: Path | str) -> Path:
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("share of the class's masks")
     ax.set_title(f"Region-code consistency per class (top-{k} codes)")
-    ax.tick_params(axis="x", labelrotation=35, labelsize=7)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the bars
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
