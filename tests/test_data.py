@@ -397,3 +397,24 @@ def test_png_roundtrip_retina(tmp_path):
 def test_error_policy_rejects_unknown_mode():
     with pytest.raises(ValueError):
         ErrorPolicy("ignore")
+
+
+@pytest.mark.parametrize("lesions", [["left lung infection", "right lung infection"], ["left lung infection"],
+                                     ["right lung infection"]])
+def test_synthetic_vqa_answers_follow_the_findings(lesions):
+    """Generated yes/no answers are true of the image: a side with an infection is "yes" (both sides when both
+    lungs are infected), the image's own modality is "yes", another modality "no"."""
+    from medsight.data.synthetic import GROUPS, _vqa_items
+
+    xray = next(g for g in GROUPS if g.name == "X-Ray")
+    sides = {t.split()[0] for t in lesions}
+    for seed in range(20):
+        for q, a, kind in _vqa_items(xray, lesions, np.random.default_rng(seed)):
+            if q.startswith("Is the infection in the"):
+                assert a == ("yes" if q.split()[-2] in sides else "no"), (q, a)
+            if q.startswith("Is there an infection in the"):
+                assert a == ("yes" if q.split()[-2] in sides else "no"), (q, a)
+            if q.startswith("Is this"):
+                assert a == ("yes" if q == "Is this an X-ray image?" else "no"), (q, a)
+            if q == "Is there any abnormality in this image?":
+                assert a == "yes"
