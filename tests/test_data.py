@@ -418,3 +418,14 @@ def test_synthetic_vqa_answers_follow_the_findings(lesions):
                 assert a == ("yes" if q == "Is this an X-ray image?" else "no"), (q, a)
             if q == "Is there any abnormality in this image?":
                 assert a == "yes"
+
+
+def test_synthetic_gold_answers_score_full_recall(synthetic_root):
+    """The gold answer text of every generated DiagSeg/VQA item gets recall 1 against its own short answer,
+    lesion-free images included ("No abnormality is found" vs short answer "no abnormality")."""
+    from medsight.metrics.diagseg import diagnosis_recall
+
+    rows = [r for s in ("train", "val", "test") for r in json.loads((synthetic_root / "diagseg" / f"{s}.json").read_text())]
+    assert any(not r["mask_ids"] for r in rows) and any(r["mask_ids"] for r in rows)
+    for r in rows:
+        assert diagnosis_recall(r["answer"].replace(" <mask>", ""), r["short_answer"]) == 1.0, r["qa_id"]

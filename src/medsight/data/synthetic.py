@@ -39,7 +39,7 @@ from medsight.vocab import CLASSES, SYNTHETIC_MODALITY_GROUPS
 log = logging.getLogger(__name__)
 
 #: Bump when the generator's output changes for the same params (forces regeneration).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 OWNED = ("biomedparse", "vqa", "instruct", "diagseg", "omnimedvqa", "corpus.txt", "generator.json")
 
 
@@ -538,7 +538,7 @@ def generate(root: Path | str, params: dict[str, Any]) -> dict[str, Any]:
                     short = " and ".join(FINDING[t][0] for t in les_ids)
                     mask_ids = list(les_ids.values())
                 else:
-                    answer, short, mask_ids = "No abnormality is found in this image.", "none", []
+                    answer, short, mask_ids = "No abnormality is found in this image.", "no abnormality", []
                 sets["diagseg"][split].append({
                     "qa_id": f"{stem}-dx", "question": q, "answer": answer, "short_answer": short,
                     "image_file": rel_img, "mask_ids": mask_ids,
