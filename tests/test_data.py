@@ -409,7 +409,7 @@ def test_synthetic_vqa_answers_follow_the_findings(lesions):
     xray = next(g for g in GROUPS if g.name == "X-Ray")
     sides = {t.split()[0] for t in lesions}
     for seed in range(20):
-        for q, a, kind in _vqa_items(xray, lesions, np.random.default_rng(seed)):
+        for q, a, _kind in _vqa_items(xray, lesions, np.random.default_rng(seed)):
             if q.startswith("Is the infection in the"):
                 assert a == ("yes" if q.split()[-2] in sides else "no"), (q, a)
             if q.startswith("Is there an infection in the"):
