@@ -12,17 +12,9 @@ The frozen encoder and perceiver give the same outputs for an image every time, 
 features, region tokens) are computed once per image and kept in memory (`FeatureCache`).
 """
 
-
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP: spinning OpenMP workers collapse throughput when the 2 cores are shared with
-# other processes (measured: 9-13 s instead of 0.25 s per step at load 8); passive waiting should cost little.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +33,7 @@ from medsight.models.joint import apply_lora, row_masked_params, set_phase
 from medsight.models.llm import init_code_embeddings
 from medsight.train import (
     build_trainer,
+    cosine_with_warmup,
     log,
     process_start_time,
     resume_checkpoint,
@@ -120,20 +113,8 @@ class JointLLMModule(L.LightningModule):
         total = self.hparams.total_steps
         if pc.max_epochs:  # Lightning's count: epochs x batches per process / gradient accumulation
             total = int(self.trainer.estimated_stepping_batches)
-        total, budget = max(1, total), pc.max_time_s
-        timed = budget is not None and self.trainer.world_size == 1
-        start = time.time()
-
-        def factor(step: int) -> float:
-            t = step / total
-            if timed:
-                t = max(t, (time.time() - start) / budget)
-            if t < o.warmup_frac:
-                return (t + 1 / total) / max(o.warmup_frac, 1 / total)
-            t = min(1.0, (t - o.warmup_frac) / max(1e-8, 1 - o.warmup_frac))
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        budget = pc.max_time_s if self.trainer.world_size == 1 else None  # ranks would disagree on the clock
+        sched = cosine_with_warmup(opt, total, o.warmup_frac, o.min_lr_ratio, time_budget_s=budget)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_model(self) -> None:
@@ -159,7 +140,7 @@ class JointLLMModule(L.LightningModule):
         set_phase(self.model, self.phase_key)  # sharding made new parameters: declare again (and row masks)
 
 
-# ------------------------------------------------------------------------------------- evaluation
+# ------------------------------------------------------------------------------------------ FSDP2
 def _unsharded(module: JointLLMModule) -> JointLLMModule:
     """An unsharded copy of an FSDP2-trained module, built on every rank, full weights gathered (collective)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -171,7 +152,6 @@ def _unsharded(module: JointLLMModule) -> JointLLMModule:
     fresh = JointLLMModule(**module.hparams)
     fresh.model.load_state_dict({k: v.detach().cpu() for k, v in full.items()}, strict=True)
     return fresh
-
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -196,8 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("phase %s: %s trainable (%s in code-token rows), %s frozen", phase, f"{c['trainable']:,}",
                  f"{c['code_rows']:,}", f"{c['frozen']:,}")
         trainer = build_trainer(cfg, out, max_steps=-1 if pc.max_epochs else pc.max_steps, subdir=f"{phase}/",
-                                max_epochs=pc.max_epochs or -1, use_distributed_sampler=False,
-                                max_time={"seconds": pc.max_time_s} if pc.max_time_s else None)
+                                max_epochs=pc.max_epochs or -1, max_time_s=pc.max_time_s, use_distributed_sampler=False)
         trainer.fit(module, train_dataloaders=phase_loader(cfg, phase),
                     ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
         init, rank0 = out / phase / "export", trainer.is_global_zero
@@ -228,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta.update(stage="stage3", phases=list(cfg.stage3.phases))
     (final / "meta.json").write_text(json.dumps(meta, indent=2))
     model = module.model if module is not None else load_joint(final)[0]
-    coded = CodedText(stage2.parent / "coded")
+    coded = module.coded if module is not None else CodedText(stage2.parent / "coded")
     tt = time.time()
     test = evaluate(model, FEATURES, cfg, "test", coded, max_batches=cfg.stage3.test_batches)
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,

@@ -112,12 +112,17 @@ def log_param_counts(model: torch.nn.Module, components: Optional[dict[str, torc
 
 # --------------------------------------------------------------------------------------- optimiser
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float,
-                       min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up for `warmup_frac` of the steps, then cosine to `min_lr_ratio` x lr (per step)."""
+                       min_lr_ratio: float, time_budget_s: Optional[float] = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for `warmup_frac` of the steps, then cosine to `min_lr_ratio` x lr (per step).
+    With `time_budget_s`, progress is the larger of the step count and the elapsed share of the budget (from
+    this call), so a run stopped by its wall-clock budget still ends annealed."""
     total = max(1, int(total_steps))
     warm = int(total * warmup_frac)
+    start = time.time()
 
     def factor(step: int) -> float:
+        if time_budget_s:
+            step = max(step, (time.time() - start) / time_budget_s * total)
         if step < warm:
             return (step + 1) / max(1, warm)
         t = min(1.0, (step - warm) / max(1, total - warm))
@@ -136,17 +141,23 @@ def adamw_cosine(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: 
 
 
 # ----------------------------------------------------------------------------------------- trainer
+def default_device(cfg: DictConfig) -> str:
+    """"cuda" when one is available and `trainer.accelerator` allows it, else "cpu" (work done outside a Trainer)."""
+    return "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+
 def default_precision(cfg: DictConfig) -> str:
     if cfg.trainer.precision:
         return str(cfg.trainer.precision)
-    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
+    return "bf16-mixed" if default_device(cfg) == "cuda" else "32-true"
 
 
 def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mode: str = "max",
                   callbacks: Optional[list] = None, max_steps: Optional[int] = None, subdir: str = "",
-                  **overrides: Any):
+                  max_time_s: Optional[float] = None, **overrides: Any):
     """A Lightning Trainer logging to `<out>/tb`, keeping `last.ckpt` (+ best by `monitor`) in
-    `<out>/<subdir>ckpt/`, stopping at `trainer.max_steps` or `trainer.max_time_s`, whichever first."""
+    `<out>/<subdir>ckpt/`, stopping at `trainer.max_steps` or the wall-clock budget (`max_time_s`, default
+    `trainer.max_time_s`), whichever first."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -155,8 +166,9 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     ckpt_dir = out / f"{subdir}ckpt"
     cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
                            save_top_k=1 if monitor else 0, every_n_train_steps=None)]
-    if t.max_time_s:
-        cbs.append(WallClockBudget(float(t.max_time_s)))
+    budget = max_time_s if max_time_s is not None else t.max_time_s
+    if budget:
+        cbs.append(wall_clock_budget(float(budget)))
     cbs += callbacks or []
     progress = t.enable_progress_bar if t.enable_progress_bar is not None else sys.stderr.isatty()
     kwargs: dict[str, Any] = dict(
@@ -215,40 +227,33 @@ def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[
     return str(path)
 
 
-class WallClockBudget:
-    """Stop fitting after `seconds` of wall time in THIS process (a resumed run gets a fresh budget;
-    Lightning's own `max_time` would restore the time already spent from the checkpoint)."""
+def wall_clock_budget(seconds: float) -> Any:
+    """Callback: stop fitting after `seconds` of wall time in THIS process (a resumed run gets a fresh budget;
+    Lightning's own `max_time` would restore the time already spent from the checkpoint). Lightning is
+    imported here so that importing medsight.train does not import it."""
+    from lightning.pytorch.callbacks import Callback
 
-    def __new__(cls, seconds: float):  # built lazily so importing medsight.train does not import lightning
-        from lightning.pytorch.callbacks import Callback
+    class WallClockBudget(Callback):
+        def __init__(self) -> None:
+            self.t0: Optional[float] = None
 
-        class _Budget(Callback):
-            def __init__(self, seconds: float) -> None:
-                self.seconds, self.t0 = seconds, None
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.t0 = time.time()
 
-            def on_train_start(self, trainer, pl_module) -> None:
-                self.t0 = time.time()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.t0 is None or trainer.should_stop:
+                return
+            over = time.time() - self.t0 > seconds
+            # every rank stops at the same step (as Lightning's own Timer does): one rank over budget is enough
+            if trainer.strategy.reduce_boolean_decision(over, all=False):
+                log.info("wall-clock budget of %.0f s reached at step %d: stopping", seconds, trainer.global_step)
+                trainer.should_stop = True
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                if self.t0 is not None and time.time() - self.t0 > self.seconds and not trainer.should_stop:
-                    log.info("wall-clock budget of %.0f s reached at step %d: stopping", self.seconds,
-                             trainer.global_step)
-                    trainer.should_stop = True
-
-        return _Budget(seconds)
-
-
-class Stopwatch:
-    """Wall time of a stage, for metrics.json's `wall_time_s` (includes start-up since import)."""
-
-    def __init__(self) -> None:
-        self.t0 = time.time()
-
-    def elapsed(self) -> float:
-        return time.time() - self.t0
+    return WallClockBudget()
 
 
 __all__ = [
     "setup_run", "seed_everything", "declare_trainable", "trainable_names", "log_param_counts",
-    "cosine_with_warmup", "adamw_cosine", "build_trainer", "resume_checkpoint", "Stopwatch", "log",
+    "cosine_with_warmup", "adamw_cosine", "build_trainer", "resume_checkpoint", "wall_clock_budget", "log",
+    "process_start_time", "run_stage", "default_device", "default_precision",
 ]
