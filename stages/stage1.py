@@ -9,13 +9,8 @@ ckpt/{last,best}.ckpt (resuming only), export/ (vision + perceiver for stage 2) 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
-
-# On a shared CPU, OpenMP threads that spin between ops thrash against other processes (measured on the
-# 2-core dev machine under load: 5 img/s with spinning threads, 19 img/s passive). Must precede `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import lightning as L
 import torch
