@@ -62,8 +62,7 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
     model = MedSightLM(vision, perceiver, llm, tok, code_tokens, code_ids, d_enc=vision.out_dim, d_perc=cfg.perceiver.dim,
                        separate_projectors=cfg.llm.separate_projectors, mask_loss_weight=cfg.llm.mask_loss_weight,
                        max_length=cfg.llm.max_length, patch_pool=patch_pool(cfg),
-                       patch_pool_mode=cfg.llm.patch_pool_mode, system_prompt=cfg.llm.system_prompt,
-                       image_dropout=cfg.llm.image_dropout)
+                       patch_pool_mode=cfg.llm.patch_pool_mode, system_prompt=cfg.llm.system_prompt)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

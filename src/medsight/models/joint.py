@@ -121,8 +121,7 @@ class MedSightLM(nn.Module):
     def __init__(self, vision: nn.Module, perceiver: nn.Module, llm: nn.Module, tokenizer, code_tokens: list[str],
                  code_ids: list[int], d_enc: int, d_perc: int, separate_projectors: bool = False,
                  mask_loss_weight: float = 1.0, max_length: int | None = None, patch_pool: int = 1,
-                 patch_pool_mode: str = "avg", system_prompt: str | None = SYSTEM_PROMPT,
-                 image_dropout: float = 0.0) -> None:
+                 patch_pool_mode: str = "avg", system_prompt: str | None = SYSTEM_PROMPT) -> None:
         super().__init__()
         hidden = llm.config.hidden_size
         self.vision, self.perceiver, self.llm = vision, perceiver, llm
@@ -134,7 +133,7 @@ class MedSightLM(nn.Module):
         self.max_length = max_length
         self.patch_pool, self.patch_pool_mode = patch_pool, patch_pool_mode
         self.system_prompt = system_prompt or None
-        self.image_dropout = image_dropout
+        self.image_dropout = 0.0  # training-time only: set_dropout
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []

@@ -121,7 +121,6 @@ def build_tiny(cfg: DictConfig, tokenizer_dir: Path | str | None, device: str = 
         head_dim=llm.hidden_size // llm.num_heads, max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=llm.tie_word_embeddings,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-        attention_dropout=llm.attention_dropout,
     ), device)
     return model, tok
 
