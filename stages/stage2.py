@@ -38,6 +38,7 @@ from medsight.train import (
     build_trainer,
     cosine_with_warmup,
     declare_trainable,
+    default_device,
     default_precision,
     log,
     log_param_counts,
@@ -65,6 +66,7 @@ class CodebookModule(L.LightningModule):
         self.val_regions: list[Regions] = []
         self.dice_continuous = float("nan")
         self.final_metrics: dict[str, Any] = {}
+        self.val_step = -1  # global step of the last validation
         self._val_codes: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------ cached inputs
@@ -172,13 +174,12 @@ class CodebookModule(L.LightningModule):
         self._val_codes = []
         usage, ppl, n = usage_stats(gc[1], gc[0], c.num_groups, c.num_codes)
         present = [g for g in range(len(names)) if n[g] > 0]
-        usage_all = torch.zeros(len(names))
-        if self.val_regions:  # every final region query of the validation images (N per image)
+        usage_all, mod_acc = torch.zeros(len(names)), torch.tensor(float("nan"))
+        if self.val_regions:
+            # usage over every final region query of the validation images (N per image), not only matched ones
             qa = torch.cat([r.all_queries for r in self.val_regions]).to(self.device)
             ga = torch.cat([torch.full((len(r.all_queries),), r.group) for r in self.val_regions]).to(self.device)
             usage_all = usage_stats(self.quantizer.quantize(qa, ga).codes.cpu(), ga.cpu(), c.num_groups, c.num_codes)[0]
-        mod_acc = torch.tensor(float("nan"))
-        if self.val_regions:
             pooled = torch.stack([r.pooled for r in self.val_regions]).to(self.device)  # (I, D_enc)
             truth = torch.tensor([r.group for r in self.val_regions], device=self.device)
             mod_acc = (self.quantizer.predict_modality(pooled).argmax(-1) == truth).float().mean()
@@ -196,8 +197,9 @@ class CodebookModule(L.LightningModule):
             "codebook_usage_all_queries": {names[g]: float(usage_all[g]) for g in present},
             "perplexity": {names[g]: float(ppl[g]) for g in present},
             "val_masks": {names[g]: int(n[g]) for g in present},
-            "modality_accuracy": float(mod_acc), "step": self.global_step,
+            "modality_accuracy": float(mod_acc),
         }
+        self.val_step = self.global_step
         log.info("step %d  val/dice_quantized %.4f (continuous %.4f)  usage %s  modality acc %.3f", self.global_step,
                  dice["dice"], self.dice_continuous, {k: round(v, 2) for k, v in self.final_metrics["codebook_usage"].items()},
                  mod_acc)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records = codes.read_records(dm)  # instruction / DiagSeg records: their masks (and unions) get codes too
     loader = codes.region_loader(dm, codes.region_samples(dm, records), int(cfg.data.eval_batch_size))
     cont = MaskDice(cfg.data.modality_groups, threshold=0.5)
-    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    device = default_device(cfg)
     model.to(device)
     regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont.to(device),
                                    device=device, autocast=default_precision(cfg).startswith("bf16"))
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vci = cfg.trainer.val_check_interval
     trainer = build_trainer(cfg, out, check_val_every_n_epoch=None, val_check_interval=vci or 10**9)
     trainer.fit(model, ckpt_path=resume_checkpoint(cfg, out))
-    if model.final_metrics.get("step") != trainer.global_step:  # fit stopped by the clock validates already
+    if model.val_step != trainer.global_step:  # a fit stopped by the clock has validated already
         trainer.validate(model, verbose=False)  # final metrics of the final weights
     q = model.quantizer.eval()
     names = codes.code_names(cfg.codebook.num_groups, cfg.codebook.num_codes)
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
     report = codes.run_assignment(dm, q, regions, records, out / "coded")
-    metrics = {**{k: v for k, v in model.final_metrics.items() if k != "step"}, "global_step": trainer.global_step,
+    metrics = {**model.final_metrics, "global_step": trainer.global_step,
                "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 2 done in %.0f s: val/dice_quantized %.4f vs continuous %.4f; export %s", metrics["wall_time_s"],

@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from medsight.models import load_stage1
     from medsight.models.codebook import load_quantizer
     from medsight.models.matching import loss_weights
-    from medsight.train import setup_logging
+    from medsight.train import default_device, setup_logging
 
     offline_env()
     setup_logging()
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records = read_records(dm)
     samples = region_samples(dm, records)
     loader = region_loader(dm, samples, args.batch_size or int(cfg.data.eval_batch_size))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = default_device(cfg) if args.device == "auto" else args.device
     vision, perceiver, quantizer = vision.to(device), perceiver.to(device), quantizer.to(device)
     regions = encode_regions(vision, perceiver, loader, loss_weights(cfg.loss), keep_splits=(), device=device)
     report = run_assignment(dm, quantizer, regions, records, args.out)
