@@ -15,7 +15,6 @@ features, region tokens) are computed once per image and kept in memory (`Featur
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ import lightning as L
 import torch
 
 from medsight.config import from_dict, run_dir, to_dict
-from medsight.export import load_component, read_meta, require_export, write_metrics
+from medsight.export import ExportError, load_component, read_meta, require_export, write_metrics
 from medsight.joint_data import CodedText, FeatureCache, phase_loader
 from medsight.joint_eval import evaluate
+from medsight.manifest import manifest_digest, staged_dir
 from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
 from medsight.models.joint import apply_lora, row_masked_params, set_phase
@@ -54,7 +54,7 @@ class JointLLMModule(L.LightningModule):
         self.cfg = cfg = from_dict(config)
         code_tokens = read_meta(stage2)["code_tokens"]
         if init_from:  # the previous phase's export
-            model, _, meta = load_joint(init_from)
+            model, _, meta = load_joint(init_from, trust_remote_code=bool(cfg.llm.trust_remote_code))
             self.codes_initialised = bool(meta.get("codes_initialised"))
         else:
             vision, perceiver = load_stage1(stage1, cfg)
@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, out = setup_run("stage3", argv)
     stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
     stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
+    coded_digest = read_meta(stage2).get("coded_manifest_sha256")
+    if coded_digest and manifest_digest(stage2.parent / "coded") != coded_digest:
+        raise ExportError(f"{stage2.parent / 'coded'}: its manifest is not the one export {stage2} was written "
+                          "with (coded data from another stage-2 run); run make stage2 again")
     if not cfg.stage3.phases:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
     timings: dict[str, float] = {}
@@ -200,12 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not rank0:
         return {}
     final = out / "export"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(init, final)
-    meta = json.loads((final / "meta.json").read_text())
+    meta = read_meta(init)
     meta.update(stage="stage3", phases=list(cfg.stage3.phases))
-    (final / "meta.json").write_text(json.dumps(meta, indent=2))
+    with staged_dir(final) as staged:  # the last phase's export, copied (hashed while copied) and swapped in
+        staged.copy_from(init, skip=("meta.json",))
+        staged.write_text("meta.json", json.dumps(meta, indent=2))
     model = module.model if module is not None else load_joint(final)[0]
     coded = module.coded if module is not None else CodedText(stage2.parent / "coded")
     tt = time.time()

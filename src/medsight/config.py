@@ -216,6 +216,8 @@ class TrainerConfig:
     max_epochs: int = -1
     max_steps: int = 1000
     max_time_s: Optional[float] = None  # wall-clock budget for fit(); checked by a callback
+    checkpoint_every_n_steps: Optional[int] = None  # also write ckpt/last.ckpt every this many steps (resume)
+    on_nonfinite: str = "stop"  # stop | skip: a non-finite loss stops the stage, or its batch is skipped and counted
     val_check_interval: Optional[int] = None  # in steps; None: once at the end of each epoch
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0

@@ -3,8 +3,12 @@
 An export directory holds:
 - `<component>.safetensors` per component (e.g. `vision`, `perceiver`, `codebook`, `llm`),
 - `config.yaml`: the resolved config of the stage that wrote it,
-- `meta.json`: stage, dims, select_layer, class and modality lists, git sha, component list, extras.
-The next stage loads it strictly: a missing or unexpected key, or a shape mismatch, is an error that names it.
+- `meta.json`: stage, dims, select_layer, class and modality lists, git sha, component list, extras,
+- `manifest.json`: every other file with its size and sha256 (medsight.manifest), written last.
+The folder is built in a hidden staging folder and swapped into place complete (medsight.manifest), so the
+previous export stays loadable until the new one is whole. Loading verifies each file against the manifest
+(a flipped byte, a truncation or a missing file is refused, naming the file) and is strict: a missing or
+unexpected key, or a shape mismatch, is an error that names it.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from medsight.config import REPO_ROOT, from_dict, save_config, to_dict
+from medsight.manifest import recover, staged_dir, verify_file
 from medsight.vocab import CLASSES
 
 
@@ -41,16 +47,24 @@ def save_export(
     cfg: DictConfig,
     components: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
     extra_meta: Optional[dict[str, Any]] = None,
+    extra_files: Optional[Callable[[Path], None]] = None,
 ) -> Path:
-    """Write each component's state dict to `<name>.safetensors`, plus config.yaml and meta.json."""
+    """Write each component's state dict to `<name>.safetensors` (hashed while streamed to disk), config.yaml,
+    meta.json, whatever `extra_files(folder)` writes into the folder, and the manifest; then swap the folder
+    into place (medsight.manifest.staged_dir)."""
     export_dir = Path(export_dir)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    for name, comp in components.items():
-        state = comp.state_dict() if isinstance(comp, torch.nn.Module) else comp
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        # safetensors refuses shared storage: clone every tensor
-        save_file({k: v.clone() for k, v in state.items()}, str(export_dir / f"{name}.safetensors"))
-    save_config(cfg, export_dir / "config.yaml")
+    with staged_dir(export_dir) as out:
+        for name, comp in components.items():
+            state = comp.state_dict() if isinstance(comp, torch.nn.Module) else comp
+            out.write_safetensors(f"{name}.safetensors", {k: v.detach() for k, v in state.items()})
+        save_config(cfg, out.path / "config.yaml")
+        if extra_files is not None:
+            extra_files(out.path)
+        out.write_text("meta.json", json.dumps(_meta(cfg, components, extra_meta), indent=2))
+    return export_dir
+
+
+def _meta(cfg: DictConfig, components: dict[str, Any], extra_meta: Optional[dict[str, Any]]) -> dict[str, Any]:
     meta = {
         "stage": cfg.stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -65,29 +79,39 @@ def save_export(
         "modality_groups": list(cfg.data.modality_groups),
     }
     meta.update(extra_meta or {})
-    (export_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    return export_dir
+    return meta
 
 
 def read_meta(export_dir: Path | str) -> dict[str, Any]:
+    recover(Path(export_dir))
     path = Path(export_dir) / "meta.json"
     if not path.is_file():
         raise ExportError(f"no export at {export_dir} (missing {path.name})")
-    return json.loads(path.read_text())
+    verify_file(export_dir, "meta.json")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
 
 
 def read_export_config(export_dir: Path | str) -> DictConfig:
     path = Path(export_dir) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"export {export_dir} has no config.yaml")
+    verify_file(export_dir, "config.yaml")
     return from_dict(OmegaConf.to_container(OmegaConf.load(path)))  # type: ignore[arg-type]
 
 
 def load_component(export_dir: Path | str, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of component `name`, after checking its file against the export's manifest."""
     path = Path(export_dir) / f"{name}.safetensors"
     if not path.is_file():
         raise ExportError(f"export {export_dir} has no component '{name}' ({path.name} missing)")
-    return load_file(str(path))
+    verify_file(export_dir, path.name)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # an export without a manifest, damaged
+        raise ExportError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())[:160]})") from None
 
 
 def load_into(module: torch.nn.Module, export_dir: Path | str, name: str) -> None:
@@ -133,6 +157,7 @@ def check_compatible(meta: dict[str, Any], cfg: DictConfig, export_dir: Path | s
 def require_export(export_dir: Path | str, make_target: str) -> Path:
     """Fail with "run make <target> first" when the previous stage's export is missing."""
     export_dir = Path(export_dir)
+    recover(export_dir)
     if not (export_dir / "meta.json").is_file():
         raise ExportError(f"no export found at {export_dir}: run make {make_target} first")
     return export_dir

@@ -162,10 +162,20 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from medsight.resume import atomic_checkpoint_io, exact_resume
+
     t = cfg.trainer
     ckpt_dir = out / f"{subdir}ckpt"
-    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
-                           save_top_k=1 if monitor else 0, every_n_train_steps=None)]
+    # last.ckpt: its own callback, rewritten at every validation (or, without validation, at the end of fit) and
+    # every trainer.checkpoint_every_n_steps steps; Lightning 2.6's save_last=True rewrites it only when the
+    # best checkpoint improves, which would resume from an old step
+    every = int(t.checkpoint_every_n_steps) if t.checkpoint_every_n_steps else None
+    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, save_last=False,
+                           enable_version_counter=False, every_n_train_steps=every)]
+    if monitor:
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=False,
+                                   save_top_k=1, enable_version_counter=False))
+    cbs.append(exact_resume(int(cfg.seed)))  # per-step seeds, sampler positions (medsight.resume)
     budget = max_time_s if max_time_s is not None else t.max_time_s
     if budget:
         cbs.append(wall_clock_budget(float(budget)))
@@ -191,6 +201,7 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
         logger=TensorBoardLogger(str(out), name="tb", version=subdir.rstrip("/") or None, default_hp_metric=False),
         callbacks=cbs,
         deterministic=False,
+        plugins=[atomic_checkpoint_io()],  # last.ckpt written atomically, read with weights_only
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -219,7 +230,7 @@ def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[
         if last.is_file():
             log.info("resuming from %s", last)
             return str(last)
-        log.info("resume=auto: no %s yet, starting fresh", last)
+        log.warning("resume=auto: nothing to resume (no %s); starting from scratch", last)
         return None
     path = Path(cfg.resume)
     if not path.is_file():
