@@ -64,14 +64,28 @@ def _export_error(msg: str) -> Exception:
 
 # ------------------------------------------------------------------------------------------- hashing
 class _Hasher:
-    """sha256 of a whole file and of each CHUNK-byte piece, fed in order."""
+    """sha256 of a whole file and of each CHUNK-byte piece, fed in order. For large blocks the whole-file
+    hash runs in a second thread while this one hashes the chunks (hashlib releases the GIL)."""
 
     def __init__(self) -> None:
         self.whole, self.chunk, self.chunks, self.size, self._in_chunk = hashlib.sha256(), hashlib.sha256(), [], 0, 0
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     def update(self, data: Any) -> None:
         mv = memoryview(data).cast("B")
-        self.whole.update(mv)
+        pending = None
+        if len(mv) >= 1 << 20:
+            self._pool = self._pool or ThreadPoolExecutor(1)
+            pending = self._pool.submit(self.whole.update, mv)
+        else:
+            self.whole.update(mv)
+        try:
+            self._update_chunks(mv)
+        finally:
+            if pending is not None:
+                pending.result()
+
+    def _update_chunks(self, mv: memoryview) -> None:
         self.size += len(mv)
         while len(mv):
             take = min(len(mv), CHUNK - self._in_chunk)
@@ -83,6 +97,9 @@ class _Hasher:
                 self.chunk, self._in_chunk = hashlib.sha256(), 0
 
     def entry(self) -> dict[str, Any]:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         chunks = self.chunks + ([self.chunk.hexdigest()] if self._in_chunk or not self.chunks else [])
         return {"size": self.size, "sha256": self.whole.hexdigest(), "chunk_sha256": chunks}
 

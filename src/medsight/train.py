@@ -37,13 +37,15 @@ def process_start_time() -> float:
 def run_stage(main: Any) -> None:
     """`python -m stages.stageN` entry: a user error (missing export, bad config key, bad data) ends with one
     line naming the file/key and exit status 2, not a traceback; anything else propagates as usual."""
+    from medsight.atomic import OutputError
     from medsight.config import ConfigError
     from medsight.data import DataError
     from medsight.export import ExportError
+    from medsight.guards import NonFiniteLossError
 
     try:
         main()
-    except (ExportError, ConfigError, DataError) as err:
+    except (ExportError, ConfigError, DataError, OutputError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -162,6 +164,7 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from medsight.guards import nonfinite_guard
     from medsight.resume import atomic_checkpoint_io, exact_resume
 
     t = cfg.trainer
@@ -176,6 +179,7 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
         cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=False,
                                    save_top_k=1, enable_version_counter=False))
     cbs.append(exact_resume(int(cfg.seed)))  # per-step seeds, sampler positions (medsight.resume)
+    cbs.append(nonfinite_guard(str(t.on_nonfinite)))  # NaN/inf loss: stop naming step + part, or skip (counted)
     budget = max_time_s if max_time_s is not None else t.max_time_s
     if budget:
         cbs.append(wall_clock_budget(float(budget)))
