@@ -63,6 +63,7 @@ class DataConfig:
     val_fraction: float = 0.15  # fraction of training CASES held out for validation (split by case)
     max_masks: int = 8  # cap on masks per image for segmentation batches
     on_error: str = "raise"  # raise | skip (skips are logged and counted)
+    max_pixels: int = 268435456  # largest image/volume (pixels/voxels, from its header) read; larger: DataError
     modality_groups: list[str] = field(default_factory=lambda: list(SYNTHETIC_MODALITY_GROUPS))
     cache: bool = True  # cache decoded images in memory
     augment: bool = False  # flips/intensity jitter for segmentation training

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medsight.data import DataError
-from medsight.data.io import read_image, read_mask
+from medsight.data.io import read_image, read_mask, set_max_pixels
 from medsight.data.readers import (
     ErrorPolicy,
     Sample,
@@ -338,6 +338,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.collate_fn = collate_fn or collate
         self.groups = list(cfg.data.modality_groups)
         self.policy = ErrorPolicy(cfg.data.on_error)
+        set_max_pixels(int(cfg.data.max_pixels))
         self.store = _Store(int(cfg.data.image_size), bool(cfg.data.cache))
         self._datasets: dict[str, MedicalDataset] = {}
 
