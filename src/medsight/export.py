@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from medsight.atomic import write_text
 from medsight.config import REPO_ROOT, from_dict, save_config, to_dict
 from medsight.manifest import recover, staged_dir, verify_file
 from medsight.vocab import CLASSES
@@ -179,7 +180,7 @@ def write_metrics(run_dir: Path | str, metrics: dict[str, Any]) -> Path:
             return [clean(x) for x in v]
         return v
 
-    path.write_text(json.dumps(clean(metrics), indent=2, sort_keys=True))
+    write_text(path, json.dumps(clean(metrics), indent=2, sort_keys=True))  # atomically (medsight.atomic)
     return path
 
 

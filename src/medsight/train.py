@@ -17,9 +17,9 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from medsight.config import load_config, offline_env, parse_cli, run_dir, save_config
+from medsight.config import load_config, offline_env, parse_cli, run_dir
 
 log = logging.getLogger("medsight")
 
@@ -66,8 +66,10 @@ def setup_run(stage: str, argv: Optional[list[str]] = None) -> tuple[DictConfig,
     cfg = load_config(stage, overlays, overrides)
     seed_everything(cfg.seed)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    from medsight.atomic import check_writable, write_text
+
+    check_writable(out)  # an unwritable output folder: one line naming it, before any work
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     return cfg, out
 
 
