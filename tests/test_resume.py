@@ -145,3 +145,34 @@ def test_samplers_continue_an_epoch():
             assert rest == (e0[k:] if k < len(e0) else e1)
             if k < len(e0):
                 assert batches_of(r) == e1
+
+
+def test_stage2_kill_mid_epoch(synthetic_root, tmp_path, monkeypatch):
+    """Stage 2 (bucketed batches, random query draws, dead-code re-seeding every 2 steps) killed at step 5
+    after its step-3 checkpoint: the resumed run ends with the same codebook and metrics."""
+    from medsight.config import load_config, run_dir
+    from medsight.export import save_export
+    from medsight.models import stage1_components
+    from stages.stage2 import main
+    from tests.test_stage2 import TINY
+
+    def argv(name: str) -> list[str]:
+        return [f"data.root={synthetic_root}", f"out_root={tmp_path}", f"run_name={name}", *TINY,
+                "trainer.max_steps=8", "trainer.val_check_interval=3", "trainer.max_time_s=null",
+                "codebook.warmup_steps=2", "codebook.reseed_every=2", "codebook.mask_every=1"]
+
+    for name in ("full", "kill"):
+        torch.manual_seed(0)
+        cfg = load_config("stage1", overrides=argv(name))
+        save_export(run_dir(cfg) / "export", cfg, stage1_components(cfg))
+    main(argv("full"))
+    monkeypatch.setenv(faults.ENV, "step:5")
+    with pytest.raises(SimulatedKill):
+        main(argv("kill"))
+    run = tmp_path / "kill" / "stage2"
+    assert _ckpt_step(run / "ckpt" / "last.ckpt") == 3
+    monkeypatch.delenv(faults.ENV)
+    main([*argv("kill"), "resume=auto"])
+    diff = _max_diff(_weights(tmp_path / "full" / "stage2" / "export"), _weights(run / "export"))
+    assert diff <= 1e-5, diff
+    assert _metrics(run) == _metrics(tmp_path / "full" / "stage2")
