@@ -147,6 +147,7 @@ def test_samplers_continue_an_epoch():
                 assert batches_of(r) == e1
 
 
+@pytest.mark.slow  # ~11 s; stage 1 and the stage-3 phase (the fast suite) cover the shared mechanism
 def test_stage2_kill_mid_epoch(synthetic_root, tmp_path, monkeypatch):
     """Stage 2 (bucketed batches, random query draws, dead-code re-seeding every 2 steps) killed at step 5
     after its step-3 checkpoint: the resumed run ends with the same codebook and metrics."""
