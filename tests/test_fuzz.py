@@ -215,9 +215,10 @@ def test_max_pixels_is_configurable(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- JSON formats
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False, allow_subnormal=False, width=32)
-                    | st.text(max_size=12), lambda c: st.lists(c, max_size=4)
-                    | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=12)
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6)
+                    | st.floats(allow_nan=False, allow_subnormal=False, width=32) | st.text(max_size=12),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+                    max_leaves=12)
 READERS = {"vqa": (read_vqa, "vqa/train.json"), "instruct": (read_conversations, "instruct/train.json"),
            "diagseg": (read_diagseg, "diagseg/train.json"), "omnimedvqa": (read_omnimedvqa, "omnimedvqa/CT.json")}
 

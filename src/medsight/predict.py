@@ -112,10 +112,6 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
             slice_index: int | None = None, axis: int = 2, window: str | None = None,
             model: Any = None, device: str | None = None) -> dict:
     """Answer `question` about `image` with the export and write answer.json, masks and overlay.png."""
-    from PIL import Image
-
-    from medsight.data.io import write_mask
-
     if not question.strip():
         raise DataError("--question is empty", field="question")
     rgb, geometry = _read(image, slice_index, axis, window)  # before loading the model: fail fast
