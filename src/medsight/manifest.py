@@ -358,7 +358,8 @@ def verify_file(folder: Path | str, rel: str, workers: Optional[int] = None) -> 
                             "replaced); write the export again")
     chunk_bytes = int(m.get("chunk_bytes", CHUNK))
     chunks = entry["chunk_sha256"]
-    n = workers or min(len(chunks), os.cpu_count() or 1)
+    # twice as many threads as cores: while some wait for the disk, the others hash (I/O and sha256 overlap)
+    n = workers or min(len(chunks), 2 * (os.cpu_count() or 1))
     if n > 1:
         with ThreadPoolExecutor(n) as pool:
             bad = [i for i in pool.map(lambda i: _check_chunk(path, i, chunk_bytes, chunks[i]), range(len(chunks)))
