@@ -86,6 +86,10 @@ def test_resume_auto_with_nothing_says_so(synthetic_root, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="medsight"):
         assert resume_checkpoint(cfg, tmp_path) is None
     assert "nothing to resume" in caplog.text and str(tmp_path / "ckpt" / "last.ckpt") in caplog.text
+    from medsight.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'resume': checkpoint .*nope.ckpt not found"):
+        resume_checkpoint(load_config("stage1", overrides=[f"resume={tmp_path / 'nope.ckpt'}"]), tmp_path)
 
 
 def test_stage3_phase_kill_mid_epoch(synthetic_root, tmp_path, monkeypatch):

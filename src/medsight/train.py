@@ -240,7 +240,10 @@ def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[
         return None
     path = Path(cfg.resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+        from medsight.config import ConfigError
+
+        raise ConfigError(f"config key 'resume': checkpoint {path} not found (use resume=auto for this run's "
+                          "last.ckpt)")
     return str(path)
 
 
