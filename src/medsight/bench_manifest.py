@@ -5,7 +5,9 @@ Qwen3-8B size in bf16 (~16.4 GB, one `llm.safetensors` like a stage-3 export), a
 
 Measures: writing through medsight.manifest (streamed, hashed while written), a cold sequential read of the
 file (its pages dropped from the page cache with posix_fadvise first), a cold and a warm (page-cached)
-verification against the manifest, and one-thread sha256 throughput. The export is deleted afterwards
+verification against the manifest, one-thread sha256 throughput and, with --load, loading into memory cold
+with safetensors' `load_file` (unverified) vs `verify_file` then `load_file` (what `load_component` does;
+the load then reads from the page cache the verification filled). The export is deleted afterwards
 unless --keep.
 """
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/manifest.json")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 36 layers (smoke runs)")
+    ap.add_argument("--load", action="store_true", help="also time loading into memory (needs that much free RAM)")
     a = ap.parse_args(argv)
     shapes = qwen3_8b_shapes()
     if a.scale < 1:
@@ -119,6 +122,29 @@ def main(argv: list[str] | None = None) -> dict:
         manifest.verify_file(export, "llm.safetensors")
         res["verify_warm_s"] = time.perf_counter() - t0  # pages cached as far as memory allows
         res["read_warm_s"] = _read(f)
+        if a.load:  # loading into memory (needs the export's size in free RAM): safetensors vs verified
+            from safetensors.torch import load_file
+
+            def touch(state: dict) -> None:  # read one byte of every page: mmap-backed tensors are lazy
+                for t in state.values():
+                    if t.numel():
+                        t.reshape(-1).view(torch.uint8)[::4096].sum()
+
+            _drop_cache(f)
+            t0 = time.perf_counter()
+            state = load_file(str(f))
+            touch(state)
+            res["load_file_cold_s"] = time.perf_counter() - t0
+            del state
+            _drop_cache(f)
+            manifest._verified.clear()
+            t0 = time.perf_counter()
+            manifest.verify_file(export, "llm.safetensors")  # what load_component does: verify, then load
+            state = load_file(str(f))
+            touch(state)
+            res["load_verified_cold_s"] = time.perf_counter() - t0
+            del state
+            res["load_verified_over_load_file"] = res["load_verified_cold_s"] / res["load_file_cold_s"]
         block = os.urandom(256 << 20)
         t0 = time.perf_counter()
         hashlib.sha256(block).digest()
