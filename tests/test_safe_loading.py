@@ -80,3 +80,20 @@ def test_lightning_checkpoint_with_a_code_global_is_refused(tmp_path):
     torch.save({"state_dict": {}, "x": Evil()}, evil)
     with pytest.raises(UnsafePickleError, match="evil.ckpt: refused to unpickle global"):
         atomic_checkpoint_io().load_checkpoint(evil)
+
+
+def test_trainer_resumes_through_the_safe_loader(tmp_path, monkeypatch):
+    """Every stage's Trainer reads `ckpt_path=` through medsight's CheckpointIO, i.e. torch.load with
+    weights_only=True and the allowlist (Lightning's own loader is never reached)."""
+    from medsight.config import load_config
+    from medsight.train import build_trainer
+
+    trainer = build_trainer(load_config("stage1", overrides=["trainer.accelerator=cpu"]), tmp_path)
+    io = trainer.strategy.checkpoint_io
+    assert type(io).__name__ == "AtomicCheckpointIO"
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("weights_only")) or real(*a, **k))
+    path = tmp_path / "c.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1 and seen == [True]
