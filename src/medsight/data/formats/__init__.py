@@ -1,0 +1,1 @@
+"""Readers, one module per distributed layout; FORMATS is filled in below."""
