@@ -54,6 +54,10 @@ class DataConfig:
     vqa: Optional[str] = None  # folder with {train,val,test}.json LLaVA-Med VQA; default <root>/vqa
     diagseg: Optional[str] = None  # folder with {train,val,test}.json DiagSeg; default <root>/diagseg
     omnimedvqa: Optional[str] = None  # folder with <modality>.json OmniMedVQA (test only); default <root>/omnimedvqa
+    # record set -> distributed layout (medsight.data.formats.FORMATS), e.g. {vqa: slake, instruct: pubmedvision};
+    # the set's path (data.vqa, ...) is then that layout's PATH. Unlisted sets are read as today.
+    formats: dict[str, str] = field(default_factory=dict)
+    path_map: dict[str, str] = field(default_factory=dict)  # authors' absolute prefix -> local prefix
     image_size: int = 128  # model input side (336 at paper scale)
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -258,9 +262,13 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+#: Config keys whose values are free-form {str: str} maps (their keys are data, not schema).
+FREE_FORM_KEYS = ("data.formats.", "data.path_map.")
+
+
 def _check_keys(schema: DictConfig, update: Any, source: str, prefix: str = "") -> None:
     """Reject keys of `update` that the schema lacks, naming the closest valid ones."""
-    if not isinstance(update, (DictConfig, dict)):
+    if not isinstance(update, (DictConfig, dict)) or prefix in FREE_FORM_KEYS:
         return
     for k in update.keys():
         full = f"{prefix}{k}"

@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medsight.data import DataError
+from medsight.data.formats import get_format, read_format
+from medsight.data.formats.common import as_path_map
 from medsight.data.io import read_image, read_mask
 from medsight.data.readers import (
     ErrorPolicy,
@@ -363,8 +365,12 @@ class MedicalDataModule(L.LightningDataModule):
         out: list[Sample] = []
         for src in self.sources:
             p = self.path_of(src)
-            if src == "biomedparse":
-                recs = read_biomedparse(p, split, self.groups, float(self.cfg.data.val_fraction), self.policy)
+            fmt = dict(self.cfg.data.get("formats") or {}).get(src)
+            if fmt:
+                recs = self._read_format(fmt, src, p, split)
+            elif src == "biomedparse":
+                recs = read_biomedparse(p, split, self.groups, float(self.cfg.data.val_fraction), self.policy,
+                                        as_path_map(dict(self.cfg.data.get("path_map") or {})))
             elif src == "omnimedvqa":
                 if split != "test":
                     continue
@@ -387,6 +393,21 @@ class MedicalDataModule(L.LightningDataModule):
                 log.warning("%s/%s: %d images have more than data.max_masks=%d masks; the first %d are used",
                             self.task, split, n_over, self.cfg.data.max_masks, self.cfg.data.max_masks)
         return out
+
+    def _read_format(self, fmt: str, src: str, path: Path, split: str) -> list[Sample]:
+        """Records of `split` of a distributed layout (data.formats[src] = fmt); [] where it has no such split
+        (the eval sets are test only; a single PubMedVision/instruction file is split train/val by id)."""
+        spec = get_format(fmt)
+        if split not in spec.splits:
+            return []
+        got = read_format(fmt, path, split, self.groups, self.policy, dict(self.cfg.data.get("path_map") or {}),
+                          val_fraction=float(self.cfg.data.val_fraction))
+        if got.skipped:
+            log.info("%s: %d rows with more than 4 images dropped (as the reference does)", path, got.skipped)
+        recs = got.samples
+        if self.task == "instruct" and spec.kind == "vqa":
+            recs = [vqa_as_conversation(r) for r in recs]
+        return recs
 
     def dataset(self, split: str) -> MedicalDataset:
         """The (cached) dataset of `split`; built and preloaded on first use."""

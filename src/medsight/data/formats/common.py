@@ -49,6 +49,41 @@ class Sample:
         return list(self.images) if self.images else [self.image]
 
 
+@dataclass
+class FormatRead:
+    """What a distributed-layout reader returns: the samples of one split, the rows dropped by rule (not
+    errors: PubMedVision rows with more than 4 images) and the question files read."""
+
+    samples: list[Sample]
+    skipped: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+#: Modality names of the distributed files -> the paper's group names, where they differ beyond case.
+MODALITY_ALIASES = {
+    "us": "ultrasound", "dermatoscopy": "dermoscopy", "mr": "mri", "x-ray": "x-ray", "xray": "x-ray",
+    "ct(computed tomography)": "ct", "mr (mag-netic resonance imaging)": "mri",
+    "oct (optical coherence tomography": "oct", "fundus photography": "fundus", "microscopy images": "microscopy",
+}
+
+
+def group_index(name: Any, groups: Sequence[str]) -> int:
+    """Lenient modality index for eval sets: the group (case-insensitive, aliases above), else "Other", else 0."""
+    low = [g.lower() for g in groups]
+    key = str(name).strip().lower() if name is not None else ""
+    key = key if key in low else MODALITY_ALIASES.get(key, key)
+    if key in low:
+        return low.index(key)
+    return low.index("other") if "other" in low else 0
+
+
+def split_of_id(rid: Any, val_fraction: float) -> str:
+    """Deterministic train/val assignment of a record id (a single file split by id): crc32 of the id."""
+    import zlib
+
+    return "val" if zlib.crc32(str(rid).encode()) % 10_000 < round(val_fraction * 10_000) else "train"
+
+
 class ErrorPolicy:
     """on_error = raise | skip | collect. skip logs a warning per problem; collect (the checker) only records."""
 
@@ -111,10 +146,10 @@ def _get(row: Any, key: str, types: type | tuple, src: str, where: str, optional
 
 def _resolve(base: Path, p: str, path_map: PathMap | None = None) -> str:
     """`p` relative to `base`, or absolute (rewritten by `path_map` when one of its prefixes matches)."""
+    if path_map is not None:
+        p = path_map.apply(p)
     q = Path(p)
-    if q.is_absolute():
-        return path_map.apply(p) if path_map is not None else str(q)
-    return str(base / q)
+    return str(q if q.is_absolute() else base / q)
 
 
 class PathMap:
@@ -169,6 +204,8 @@ def modality_index(name: Any, groups: Sequence[str], src: str, where: str, fld: 
         raise DataError(f"{src}: {where} field '{fld}' is {type(name).__name__}, expected a group name",
                         path=src, field=fld)
     low = [g.lower() for g in groups]
+    if name.lower() not in low and MODALITY_ALIASES.get(name.lower()) in low:
+        name = MODALITY_ALIASES[name.lower()]
     if name.lower() not in low:
         raise DataError(f"{src}: {where} field '{fld}' has unknown modality group '{name}'; "
                         f"data.modality_groups is {list(groups)}", path=src, field=fld)
@@ -182,4 +219,50 @@ def _record_modality(row: dict, groups: Sequence[str], src: str, where: str, fld
 
 
 
-__all__ = ["MASK_TOKEN", "SPLITS", "ErrorPolicy", "PathLike", "PathMap", "Sample", "as_path_map", "modality_index"]
+
+
+
+def vqa_sample(qid: Any, image: str, question: str, answer: Any, answer_type: str, src: str, where: str,
+               groups: Sequence[str], modality: Any = None, case: str | None = None) -> Sample:
+    """A VQA record of a distributed layout; `qid` keeps its type in extra["qid"] (answers.jsonl ids)."""
+    at = str(answer_type).strip().upper()
+    if at not in ("CLOSED", "OPEN"):
+        raise DataError(f"{src}: {where} field 'answer_type' is {answer_type!r}, expected CLOSED or OPEN", path=src,
+                        field="answer_type")
+    q = question.replace("<image>\n", "").replace("<image>", "").strip()
+    a = str(answer).strip()  # VQA-RAD has non-string answers in some rows
+    return Sample(id=str(qid), image=image, modality=group_index(modality, groups), case=case or image, source=src,
+                  question=q, answer=a, answer_type=at,
+                  conversations=[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
+                  extra={"qid": qid})
+
+
+def closed_by_answer(answer: Any) -> str:
+    """answer_type of a set without one (PathVQA, HF copies): yes/no answers are closed."""
+    return "CLOSED" if str(answer).strip().lower() in ("yes", "no") else "OPEN"
+
+
+def read_llava_test(path: Path, groups: Sequence[str], image_folders: Sequence[Path], policy: ErrorPolicy) -> FormatRead:
+    """A LLaVA-Med-style test.json; each image is looked up in `image_folders` in order (first existing wins,
+    else the first folder, so a missing image is reported there)."""
+    from medsight.data.formats.llava import read_vqa
+
+    samples = read_vqa(path, groups, image_folders[0], policy)
+    for s in samples:
+        rel = s.image[len(str(image_folders[0])) + 1:] if s.image.startswith(str(image_folders[0])) else None
+        if rel is not None and not Path(s.image).exists():
+            for folder in image_folders[1:]:
+                if (folder / rel).exists():
+                    s.image = str(folder / rel)
+                    break
+        s.case = s.image
+    return FormatRead(samples, files=[str(path)])
+
+
+def is_llava_list(rows: Any) -> bool:
+    """True for a LLaVA-Med-style list (rows carry `conversations`)."""
+    return isinstance(rows, list) and bool(rows) and isinstance(rows[0], dict) and "conversations" in rows[0]
+
+
+__all__ = ["MASK_TOKEN", "SPLITS", "ErrorPolicy", "FormatRead", "PathLike", "PathMap", "Sample", "as_path_map",
+           "closed_by_answer", "group_index", "modality_index", "read_llava_test", "split_of_id", "vqa_sample"]

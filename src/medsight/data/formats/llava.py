@@ -98,7 +98,7 @@ def read_vqa(path: PathLike, modality_groups: Sequence[str], image_root: PathLik
             q = conv[0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
             out.append(Sample(id=rid, image=_resolve(base, image), modality=_record_modality(row, modality_groups, src, where),
                               case=case_of(image), source=src, question=q, answer=conv[1]["value"].strip(),
-                              answer_type=at, conversations=conv[:2]))
+                              answer_type=at, conversations=conv[:2], extra={"qid": row["id"]}))
         except DataError as e:
             policy(e)
     return out
