@@ -31,6 +31,19 @@ class FeatureCache:
 FEATURES = FeatureCache()  # shared by every phase of this process
 
 
+def select_rows(batch: dict, idx: list[int]) -> dict:
+    """The batch restricted to samples `idx` (tensors indexed on dim 0; lists picked), keeping the flat
+    `images` (N, 3, S, S) of several-image batches in step with `image_counts`."""
+    counts = batch.get("image_counts")
+    out = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items()
+           if k not in ("images", "image_counts")}
+    if counts is not None:
+        first = (counts.cumsum(0) - counts).tolist()
+        sel = [first[i] + k for i in idx for k in range(int(counts[i]))]
+        out["images"], out["image_counts"] = batch["images"][sel], counts[idx]
+    return out
+
+
 
 class CodedText:
     """Stage 2's code-assigned text (`stage2/coded/{instruct,diagseg}/<split>.json`, every <mask> replaced by
@@ -55,9 +68,8 @@ class CodedText:
         convs, keep = [], []
         n = len(batch["id"])
         for i in range(n):
-            if "conversations" in batch:
-                conv = batch["conversations"][i]
-            else:
+            conv = batch["conversations"][i] if "conversations" in batch else None
+            if conv is None:  # a VQA sample (a batch may mix them with several-image dialogues)
                 conv = [{"from": "human", "value": "<image>\n" + batch["question"][i]},
                         {"from": "gpt", "value": batch["answer"][i]}]
             if any("<mask>" in t["value"] for t in conv):

@@ -14,6 +14,7 @@ medsight.data). Bad records raise DataError, or with data.on_error=skip are logg
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -275,11 +276,24 @@ class MedicalDataset(Dataset):
         masks = np.asarray(_plain(d["masks"])) if not isinstance(d["masks"], np.ndarray) else d["masks"]
         out: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(d["image"])), "modality": s.modality,
                                "id": s.id, "case": s.case, "kind": s.extra.get("kind", self.task)}
+        if len(s.all_images) > 1:  # several images per sample (PubMedVision): the others, in <image> order
+            extra = []
+            for p in s.all_images[1:]:
+                try:
+                    im, _ = self.store.get(dataclasses.replace(s, image=p, images=[], masks=[]), False)
+                except DataError as e:
+                    self.policy(e)
+                    return None
+                with _single_thread():
+                    extra.append(np.ascontiguousarray(self.transform({"image": im, "masks": masks[:0]})["image"]))
+            out["extra_images"] = torch.from_numpy(np.stack(extra))  # (k - 1, 3, S, S)
         if self.with_masks:
             out.update(masks=torch.from_numpy(np.ascontiguousarray(masks.astype(np.uint8))),
                        labels=torch.tensor(labels, dtype=torch.long), ann_ids=list(s.ann_ids[: masks.shape[0]]))
         if self.task == "vqa":
             out.update(question=s.question, answer=s.answer, answer_type=s.answer_type, options=s.options)
+            if len(s.all_images) > 1:  # the dialogue holds one <image> per image (None for other samples)
+                out["conversations"] = s.conversations
         if self.task == "instruct":
             out["conversations"] = s.conversations
         return out
@@ -307,9 +321,14 @@ def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any]:
             valid[b, :m] = True
             labels[b, :m] = s["labels"].numpy()
         batch.update(masks=torch.from_numpy(masks), mask_valid=torch.from_numpy(valid), labels=torch.from_numpy(labels))
-    for k in samples[0]:
-        if k not in batch:
-            batch[k] = [s[k] for s in samples]
+    if any("extra_images" in s for s in samples):  # several images per sample: flat images + counts
+        per = [[s["image"][None], *([s["extra_images"]] if "extra_images" in s else [])] for s in samples]
+        batch["images"] = torch.cat([torch.cat(p) for p in per])  # (N, 3, S, S), sample by sample
+        batch["image_counts"] = torch.tensor([1 + len(s.get("extra_images", ())) for s in samples], dtype=torch.long)
+    keys = list(dict.fromkeys(k for s in samples for k in s))
+    for k in keys:
+        if k not in batch and k != "extra_images":
+            batch[k] = [s.get(k) for s in samples]
     return batch
 
 

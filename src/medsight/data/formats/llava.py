@@ -109,7 +109,7 @@ def vqa_as_conversation(s: Sample) -> Sample:
     conv = s.conversations or [{"from": "human", "value": "<image>\n" + (s.question or "")},
                                {"from": "gpt", "value": s.answer or ""}]
     return Sample(id=s.id, image=s.image, modality=s.modality, case=s.case, source=s.source, conversations=conv,
-                  question=s.question, answer=s.answer, answer_type=s.answer_type)
+                  question=s.question, answer=s.answer, answer_type=s.answer_type, images=list(s.images))
 
 
 __all__ = ["read_conversations", "read_vqa", "vqa_as_conversation"]

@@ -92,9 +92,10 @@ def read_pubmedvision(path: PathLike, split: str = "all", groups: Sequence[str] 
                 continue
             files = [_resolve(base, x, path_map) for x in images]
             turns = conversation_turns(row, len(files), src, where)
+            q = turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
             out.append(Sample(id=str(rid), image=files[0], images=files, modality=group_index(row.get("modality"), groups),
-                              case=str(rid), source=src, conversations=turns,
-                              extra={"qid": rid, "body_part": row.get("body_part")}))
+                              case=str(rid), source=src, conversations=turns, question=q, answer=turns[1]["value"],
+                              answer_type="OPEN", extra={"qid": rid, "body_part": row.get("body_part")}))
         except DataError as e:
             policy(e)
     return FormatRead(out, skipped=skipped, files=[src])
