@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
     if not cfg.stage3.phases:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
+    FEATURES.max_bytes = int(float(cfg.stage3.feature_cache_mb) * 2**20)  # bounded at real scale
     timings: dict[str, float] = {}
     init: Path | None = None
     module, rank0 = None, True

@@ -146,3 +146,34 @@ def test_stage3_trains_on_pubmedvision_rows_with_several_images(tmp_path):
           "data.val_fraction=0.3"])
     metrics = json.loads((tmp_path / "ck" / "t" / "stage3" / "metrics.json").read_text())
     assert (tmp_path / "ck" / "t" / "stage3" / "export" / "meta.json").is_file() and metrics
+
+
+def test_caches_are_bounded():
+    """The decoded-image store and stage 3's feature cache never hold more than their byte budget."""
+    from medsight.joint_data import FeatureCache
+
+    class Enc:
+        calls = 0
+
+        def encode_images(self, x):
+            Enc.calls += len(x)
+            return x.mean(1, keepdim=True).expand(-1, 4, -1, -1).permute(0, 2, 3, 1), x[:, 0, :2, :]
+
+    cache = FeatureCache(max_mb=3 * (8 * 8 * 4 * 4 + 2 * 8 * 4) / 2**20)  # room for 3 images' outputs
+    imgs = torch.randn(5, 3, 8, 8)
+    f1, r1 = cache(Enc(), imgs)
+    assert len(cache.store) == 3 and cache.bytes <= cache.max_bytes and Enc.calls == 5
+    f2, r2 = cache(Enc(), imgs)  # evicted ones are recomputed, with the same values
+    assert torch.equal(f1, f2) and torch.equal(r1, r2) and Enc.calls == 5 + 2
+
+
+def test_image_store_is_bounded(tmp_path):
+    from medsight.data.datamodule import _Store
+    from medsight.data.formats.common import Sample
+
+    paths = [fx.image(tmp_path / f"{i}.png", size=40, seed=i) for i in range(6)]
+    store = _Store(16, True, max_mb=2.5 * 3 * 16 * 16 / 2**20)  # two images fit
+    for p in paths:
+        store.get(Sample(id=p, image=p, modality=0, case=p, source="t"), False)
+    assert len(store.images) == 2 and store.bytes <= store.max_bytes
+    assert list(store.images) == paths[-2:]  # least recently used out first

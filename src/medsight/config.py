@@ -69,6 +69,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (skips are logged and counted)
     modality_groups: list[str] = field(default_factory=lambda: list(SYNTHETIC_MODALITY_GROUPS))
     cache: bool = True  # cache decoded images in memory
+    cache_max_mb: float = 8192.0  # bound of that cache (least recently used out first); 211k images at 336 px: 71 GB
     augment: bool = False  # flips/intensity jitter for segmentation training
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -198,6 +199,7 @@ class Stage3Config:
     max_new_tokens: int = 48  # greedy decoding budget per answer
     val_batches: Optional[int] = 2  # eval batches per split after each phase (None: the whole val split)
     test_batches: Optional[int] = None  # eval batches per split for the final test metrics (None: all)
+    feature_cache_mb: float = 4096.0  # bound of the frozen per-image features kept in memory (LRU out first)
 
 
 # --------------------------------------------------------------------------------------- training

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,18 +201,33 @@ def split_transform(cfg: Any, task: str, split: str) -> Compose:
 
 
 class _Store:
-    """In-memory cache of decoded, resized uint8 arrays keyed by file path(s); shared across splits."""
+    """In-memory cache of decoded, resized uint8 arrays keyed by file path(s); shared across splits.
 
-    def __init__(self, image_size: int, enabled: bool):
+    Bounded by `max_mb` (data.cache_max_mb; least recently used out first): at real scale what does not fit
+    is decoded again when next needed."""
+
+    def __init__(self, image_size: int, enabled: bool, max_mb: float = 8192.0):
         self.image_size, self.enabled = image_size, enabled
         self.load_image, self.load_masks = load_transform(image_size)
-        self.images: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
-        self.masks: dict[tuple[str, ...], np.ndarray] = {}
+        self.images: OrderedDict[str, tuple[np.ndarray, tuple[int, int]]] = OrderedDict()
+        self.masks: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self.max_bytes, self.bytes = int(max_mb * 2**20), 0
+
+    def _keep(self, table: OrderedDict, key: Any, value: Any, nbytes: int) -> None:
+        if not self.enabled or nbytes > self.max_bytes:
+            return
+        table[key] = value
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:  # evict the least recently used, images and masks alike
+            t = self.images if self.images and (not self.masks or len(self.images) >= len(self.masks)) else self.masks
+            _, old = t.popitem(last=False)
+            self.bytes -= (old[0] if isinstance(old, tuple) else old).nbytes
 
     def get(self, s: Sample, with_masks: bool) -> tuple[np.ndarray, np.ndarray]:
         """(3, S, S) uint8 image and (M, S, S) uint8 masks of a record (M = 0 without masks)."""
         if s.image in self.images:
             img, hw = self.images[s.image]
+            self.images.move_to_end(s.image)
         else:
             try:
                 d = _run(self.load_image, {"image": s.image})
@@ -219,8 +235,7 @@ class _Store:
                 raise DataError(f"{s.source}: record {s.id} field 'image': {e}", path=s.source, field="image") from None
             img = np.clip(np.rint(d["image"]), 0, 255).astype(np.uint8)
             hw = tuple(d["image_hw"])
-            if self.enabled:
-                self.images[s.image] = (img, hw)
+            self._keep(self.images, s.image, (img, hw), img.nbytes)
         S = self.image_size
         if not with_masks or not s.masks:
             return img, np.zeros((0, S, S), np.uint8)
@@ -230,8 +245,9 @@ class _Store:
             if m is None:
                 d = _run(self.load_masks, {"masks": [group], "image_hw": hw, "source": s.source})
                 m = (d["masks"][0] > 0.5).astype(np.uint8)  # (S, S)
-                if self.enabled:
-                    self.masks[group] = m
+                self._keep(self.masks, group, m, m.nbytes)
+            else:
+                self.masks.move_to_end(group)
             out.append(m)
         return img, np.stack(out)
 
@@ -354,7 +370,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.collate_fn = collate_fn or collate
         self.groups = list(cfg.data.modality_groups)
         self.policy = ErrorPolicy(cfg.data.on_error)
-        self.store = _Store(int(cfg.data.image_size), bool(cfg.data.cache))
+        self.store = _Store(int(cfg.data.image_size), bool(cfg.data.cache), float(cfg.data.get("cache_max_mb", 8192.0)))
         self._datasets: dict[str, MedicalDataset] = {}
 
     # paths ------------------------------------------------------------------------------------
