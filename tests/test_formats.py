@@ -202,3 +202,31 @@ def test_datamodule_reads_a_distributed_layout(tmp_path):
     dm = MedicalDataModule(cfg, "instruct", sources=("diagseg",))
     assert len(dm.records("test")) == dwant["records"] and dm.records("train") == []
     assert len(dm.dataset("test")) == dwant["records"]
+
+
+def test_instruct_rows_recoded_with_our_codebook(tmp_path):
+    """The authors' [M..] tokens become <mask> for stage 2, which writes coded files with OUR code tokens
+    in their place (mask_orders order); PubMedVision rows without masks are not coded."""
+    import os
+
+    from medsight.codes import read_records, write_coded
+    from medsight.config import load_config
+    from medsight.data.datamodule import MedicalDataModule
+
+    path, _, spec = fx.instruct(tmp_path)
+    old, new = spec.split("=")
+    cfg = load_config("stage2", overrides=["data.format=biomedparse", f"data.root={tmp_path}",
+                                           "data.formats.instruct=instruct", f"data.instruct={path}",
+                                           f"data.path_map={{{old}: {new}}}", "data.val_fraction=0.0"])
+    dm = MedicalDataModule(cfg, "instruct", sources=("instruct",))
+    recs = read_records(dm, kinds=("instruct",))
+    assert list(recs) == [("instruct", "train")] and [r.id for r in recs[("instruct", "train")]] == ["17"]
+    r = recs[("instruct", "train")][0]
+    assert r.conversations[1]["value"] == "Right kidney <mask> and liver <mask>."
+    image = os.path.normpath(r.image)
+    counts = write_coded(dm, recs, {(image, "27"): (0, 3), (image, "28"): (1, 2)}, tmp_path / "coded")
+    assert counts == {"instruct/train": 1}
+    row = json.loads((tmp_path / "coded" / "instruct" / "train.json").read_text())[0]
+    assert row["id"] == 17 and row["conversations"][1]["value"] == "Right kidney [C0_3] and liver [C1_2]."
+    assert read_format("instruct", path, codes="as_coded").samples[0].conversations[1]["value"] == \
+        "Right kidney [M0_3] and liver [M0_17]."

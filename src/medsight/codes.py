@@ -187,6 +187,13 @@ def read_records(dm: Any, kinds: Sequence[str] = KINDS) -> dict[tuple[str, str],
     out = {}
     for kind in kinds:
         reader = {"instruct": read_conversations, "diagseg": read_diagseg}[kind]
+        fmt = dict(dm.cfg.data.get("formats") or {}).get(kind)
+        if fmt:  # a distributed layout (data.formats): its grounded records, with <mask> where codes go
+            for split in SPLITS:
+                recs = [r for r in dm._read_format(fmt, kind, dm.path_of(kind), split) if r.masks]
+                if recs:
+                    out[(kind, split)] = recs
+            continue
         for split in SPLITS:
             f = dm.path_of(kind) / f"{split}.json"
             if not f.is_file():
@@ -309,9 +316,12 @@ def write_coded(dm: Any, records: Mapping[tuple[str, str], list[Sample]],
     out_dir = Path(out_dir)
     counts = {}
     for (kind, split), recs in records.items():
-        src = dm.path_of(kind) / f"{split}.json"
-        raw = json.loads(src.read_text())
         key = "id" if kind == "instruct" else "qa_id"
+        if dict(dm.cfg.data.get("formats") or {}).get(kind):  # distributed layout: rows rebuilt from the records
+            raw = [{key: r.extra.get("qid", r.id), "conversations": r.conversations, "mask_orders": r.ann_ids}
+                   if kind == "instruct" else dict(r.extra.get("row", {}), answer=r.answer) for r in recs]
+        else:
+            raw = json.loads((dm.path_of(kind) / f"{split}.json").read_text())
         by_id = {r.id: r for r in recs}
         rows = [code_record(kind, row, by_id[str(row[key])], assignment) for row in raw if str(row.get(key)) in by_id]
         (out_dir / kind).mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from medsight.data import DataError
 from medsight.data.formats.common import (
+    MASK_TOKEN,
     ErrorPolicy,
     FormatRead,
     PathLike,
@@ -34,8 +35,16 @@ CODE_RE = re.compile(r"\[M\d+_\d+\]")
 
 def read_instruct(path: PathLike, split: str = "all", groups: Sequence[str] = ("Other",),
                   policy: ErrorPolicy | None = None, path_map: PathMap | None = None,
-                  val_fraction: float = 0.01, image_root: PathLike | None = None, **_: Any) -> FormatRead:
-    """Rows of `split` (all | train | val) as dialogues with masks in mask_orders order."""
+                  val_fraction: float = 0.01, image_root: PathLike | None = None, codes: str = "recode",
+                  **_: Any) -> FormatRead:
+    """Rows of `split` (all | train | val) as dialogues with masks in mask_orders order.
+
+    codes="recode" (default): the authors' `[M..]` tokens of a grounded row become `<mask>` (the i-th <-> the
+    i-th mask of mask_orders), so stage 2 assigns OUR codes from the masks like any grounded dialogue;
+    "as_coded": the text is kept with the authors' tokens (for a model imported with their codebook).
+    Either way extra["coded_conversations"] holds the authors' text."""
+    if codes not in ("recode", "as_coded"):
+        raise DataError(f"{path}: codes must be recode or as_coded, got '{codes}'", path=str(path), field="codes")
     policy = policy or ErrorPolicy()
     path = Path(path)
     if split not in SPLITS:
@@ -73,11 +82,20 @@ def read_instruct(path: PathLike, split: str = "all", groups: Sequence[str] = ("
                                     field="mask_files")
                 masks.append((_resolve(base, mf, path_map),))
             n_codes = sum(len(CODE_RE.findall(t["value"])) for t in turns if t["from"] != "human")
+            coded = [dict(t) for t in turns]
+            if codes == "recode" and masks:
+                if n_codes != len(masks):
+                    raise DataError(f"{src}: {where} has {n_codes} code tokens in its answers but 'mask_orders' "
+                                    f"lists {len(masks)} masks", path=src, field="mask_orders")
+                for t in turns:
+                    if t["from"] != "human":
+                        t["value"] = CODE_RE.sub(MASK_TOKEN, t["value"])
             out.append(Sample(id=str(rid), image=files[0], images=files if len(files) > 1 else [],
                               modality=group_index(row.get("modality"), groups), case=str(rid), source=src,
                               masks=masks, labels=[0] * len(masks), ann_ids=[str(o) for o in orders],
                               conversations=turns,
-                              extra={"qid": rid, "n_codes": n_codes, "mask_codes": row.get("mask_codes")}))
+                              extra={"qid": rid, "n_codes": n_codes, "mask_codes": row.get("mask_codes"),
+                                     "coded_conversations": coded}))
         except DataError as e:
             policy(e)
     return FormatRead(out, skipped=skipped, files=[src])
