@@ -46,6 +46,7 @@ from medsight.train import (
     resume_checkpoint,
     run_stage,
     setup_run,
+    stopped_by_time_cap,
 )
 
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
     report = codes.run_assignment(dm, q, regions, records, out / "coded")
-    metrics = {**model.final_metrics, "global_step": trainer.global_step,
+    metrics = {**model.final_metrics, "global_step": trainer.global_step, "seed": cfg.seed,
+               "stopped_by_time_cap": stopped_by_time_cap(trainer),
                "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 2 done in %.0f s: val/dice_quantized %.4f vs continuous %.4f; export %s", metrics["wall_time_s"],

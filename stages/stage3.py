@@ -39,6 +39,7 @@ from medsight.train import (
     resume_checkpoint,
     run_stage,
     setup_run,
+    stopped_by_time_cap,
 )
 
 FEATURES = FeatureCache()  # frozen outputs per image, shared by every phase of this process
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
     FEATURES.max_bytes = int(float(cfg.stage3.feature_cache_mb) * 2**20)  # bounded at real scale
     timings: dict[str, float] = {}
+    steps: dict[str, int] = {}
+    capped: dict[str, bool] = {}
     init: Path | None = None
     module, rank0 = None, True
     for phase in cfg.stage3.phases:
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.fit(module, train_dataloaders=phase_loader(cfg, phase),
                     ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
         init, rank0 = out / phase / "export", trainer.is_global_zero
+        steps[phase], capped[phase] = trainer.global_step, stopped_by_time_cap(trainer)
         if module.coded.missing:
             log.warning("phase %s: %d grounded records had no code-assigned text in %s and were skipped", phase,
                         module.coded.missing, stage2.parent / "coded")
@@ -213,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tt = time.time()
     test = evaluate(model, FEATURES, cfg, "test", coded, max_batches=cfg.stage3.test_batches)
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
-               **{f"time/{p}_s": t for p, t in timings.items()}, "wall_time_s": time.time() - t0}
+               **{f"time/{p}_s": t for p, t in timings.items()}, "steps": steps, "stopped_by_time_cap": capped,
+               "seed": cfg.seed, "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 3 done in %.0f s: %s; export %s", metrics["wall_time_s"],
              ", ".join(f"{k} {v:.3f}" for k, v in test.items()), final)

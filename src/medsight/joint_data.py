@@ -127,17 +127,19 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         self.bucket = bucket  # characters per length bucket
 
     def _batches(self) -> list[list[int]]:
+        from medsight.train import per_device_batch
+
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), self.batch_size
+        perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), per_device_batch(self.batch_size, world)
         batches = []
         for i in range(0, len(perm), self.pool * bs):
             # coarse buckets, random order inside (sorting by exact length would batch identical questions)
             chunk = sorted(perm[i:i + self.pool * bs], key=lambda k: self.lengths[k] // self.bucket)
             batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs) if len(chunk[j:j + bs]) == bs]
         batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         return batches[: len(batches) // world * world][rank::world]
 
     def __iter__(self):

@@ -475,6 +475,11 @@ class MedicalDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.dataset(split)
         bs = int(self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
+        if train:  # data.batch_size is the global batch: each of N training processes takes 1/N of it
+            from medsight.train import per_device_batch
+
+            trainer = getattr(self, "trainer", None)
+            bs = per_device_batch(bs, trainer.world_size if trainer is not None else 1)
         nw = int(self.cfg.data.num_workers)
         return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=train and len(ds) > bs, num_workers=nw,
                           collate_fn=self.collate_fn, persistent_workers=nw > 0)
