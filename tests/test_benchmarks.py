@@ -81,6 +81,7 @@ def test_all_benchmarks_from_one_folder(tmp_path, sets, capsys, monkeypatch):
     out = tmp_path / "out"
     assert cli.main(["eval", "run", "--export", str(export), "--benchmark", "all", "--data", str(data), "--out",
                      str(out), "--path-map", spec, "--batch-size", "2"]) == 0
+    capsys.readouterr()
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"run", "vqa-rad", "slake", "pathvqa", "omnimedvqa", "diagseg"}
     assert [x["question_id"] for x in _lines(out / "vqa-rad" / "answers.jsonl")] == [10, 11, 25]
@@ -102,6 +103,11 @@ def test_all_benchmarks_from_one_folder(tmp_path, sets, capsys, monkeypatch):
     assert set(res["diagseg"]["official"]["per_modality"]) == {"US", "MRI", "Dermoscopy"}
     assert res["diagseg"]["strict"] == score_diagseg_file(out / "diagseg" / "gt.json", out / "diagseg" /
                                                           "answers.jsonl")
+    # `medsight eval diagseg` on the distributed file itself, its authors' paths mapped: the same numbers
+    for p in ("official", "strict"):
+        assert cli.main(["eval", "diagseg", "--gt", str(data / "DiagSeg" / "SegVQA_Diagnostic_test_vqa.json"),
+                         "--pred", str(out / "diagseg" / "answers.jsonl"), "--protocol", p, "--path-map", spec]) == 0
+        assert json.loads(capsys.readouterr().out) == res["diagseg"][p]
     report = (out / "report.md").read_text()
     assert "## OmniMedVQA" in report and "## DiagSeg" in report and "pathvqa all" in report
 

@@ -42,6 +42,8 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=["official", "strict"], default="strict",
                    help="strict (default): SPEC section 7, every mask_ids entry; official: the reference "
                         "notebook (last mask_ids entry, > 127 at native size)")
+    p.add_argument("--path-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rewrite an absolute GT mask path prefix of the authors' disk (repeatable)")
 
     p = tasks.add_parser("run", help="generate answers with an export and score every synthetic test split",
                          description="Greedy generation on vqa/test.json, omnimedvqa/*.json and "
@@ -90,9 +92,10 @@ def _run(args: argparse.Namespace) -> int:
 
         result = SCORERS[args.task](args.gt, args.pred, args.protocol)
     elif args.command == "eval" and args.task == "diagseg":
+        from medsight.data.formats.common import PathMap
         from medsight.evaluate import score_diagseg_file
 
-        result = score_diagseg_file(args.gt, args.pred, args.masks_dir, args.protocol)
+        result = score_diagseg_file(args.gt, args.pred, args.masks_dir, args.protocol, PathMap.parse(args.path_map))
     elif args.command == "eval" and args.task == "run" and args.benchmark:
         from medsight.benchmarks import run_benchmarks
         from medsight.data.formats.common import PathMap

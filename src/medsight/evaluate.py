@@ -209,23 +209,30 @@ def _official_diagseg_item(item: Mapping, emitted_paths: list[Path], gt_roots: S
 
 
 def score_diagseg_file(gt_path: str | Path, pred_path: str | Path, masks_dir: str | Path | None = None,
-                       protocol: str = "strict") -> dict:
+                       protocol: str = "strict", path_map: Any = None) -> dict:
     """Diagnosis recall and Dice (macro and micro over modalities, percent) of a DiagSeg prediction file.
 
     protocol "strict" (SPEC section 7): every `mask_ids` entry is a target, strict recall; "official": the
     reference notebook's rule (`_official_diagseg_item`). Both merge Dermatoscopy into Dermoscopy.
+    `path_map` ({OLD: NEW} or a medsight.data.formats.common.PathMap) rewrites the authors' absolute GT paths.
 
     Prediction lines: {"question_id", "text", "masks": [path, ...]} with mask paths (PNG, or .npy logits
     or binary arrays) relative to the prediction file's folder. GT mask paths are relative to `masks_dir`
     (default: the test set's folder, else the dataset root above it, as in data/synthetic/diagseg/).
     Items whose `mask_ids` is empty (no finding) count for diagnosis recall only (`n_no_target`).
     """
+    from medsight.data.formats.common import as_path_map
+
     _check_protocol(protocol)
+    pmap = as_path_map(path_map)
     gt_path, pred_path = Path(gt_path), Path(pred_path)
     gt_roots = [Path(masks_dir)] if masks_dir is not None else [gt_path.parent, gt_path.parent.parent]
     records = []
     for item, pred in pair_predictions(read_json_list(gt_path), gt_path, pred_path, DIAGSEG_ID_KEYS,
                                        required=("text", "masks")):
+        if pmap and isinstance(item.get("masks"), list):
+            item = {**item, "masks": [[m[0], pmap.apply(str(m[1]))] if isinstance(m, list) and len(m) == 2 else m
+                                      for m in item["masks"]]}
         qid = item_id(item, DIAGSEG_ID_KEYS, str(gt_path))
         if not isinstance(pred["masks"], list):
             raise EvalInputError(f"{pred_path}: 'masks' of id {qid} must be a list of mask file paths")
