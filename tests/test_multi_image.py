@@ -177,3 +177,44 @@ def test_image_store_is_bounded(tmp_path):
         store.get(Sample(id=p, image=p, modality=0, case=p, source="t"), False)
     assert len(store.images) == 2 and store.bytes <= store.max_bytes
     assert list(store.images) == paths[-2:]  # least recently used out first
+
+
+def test_stage2_region_store_spills_to_disk_beyond_its_budget(tmp_path):
+    """Beyond the memory budget feats/masks go to one file; collate_regions reads back the same values."""
+    from medsight.codes import Regions, collate_regions
+    from medsight.spill import Spilled, SpillFile
+
+    spill = SpillFile(tmp_path / "spill", budget_mb=(4 * 4 * 8 * 4 + 2 * 16 * 16) / 2**20)  # one image's worth
+    g = torch.Generator().manual_seed(0)
+    raw, regions = [], []
+    for i in range(3):
+        feats, masks = torch.randn(4, 4, 8, generator=g), torch.rand(2, 16, 16, generator=g) > 0.5
+        raw.append((feats, masks))
+        regions.append(Regions(image=f"{i}.png", id=str(i), group=0, split="train", pooled=torch.zeros(8),
+                               queries=torch.randn(2, 8, generator=g), pred_idx=torch.tensor([0, 1]),
+                               labels=torch.tensor([1, 2]), ann_ids=["a", "b"], is_union=torch.tensor([False, False]),
+                               feats=spill.keep(feats), masks=spill.keep(masks)))
+    assert not isinstance(regions[0].feats, Spilled) and isinstance(regions[2].feats, Spilled)
+    assert spill.in_memory <= spill.budget and spill.on_disk == 2 * (4 * 4 * 8 * 4 + 2 * 16 * 16)
+    batch = collate_regions(regions)
+    assert torch.equal(batch["feats"], torch.stack([f for f, _ in raw]))
+    assert torch.equal(batch["masks"], torch.stack([m for _, m in raw]).float())
+    path = spill._path
+    spill.close()
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_stage2_with_its_region_store_on_disk_gives_the_same_codes(tmp_path, synthetic_root):
+    """codebook.region_store_mb tiny (everything spilled) vs the default: the same coded files."""
+    from stages.stage2 import main
+    from tests.test_stage2 import _overrides, _stage1_export
+
+    outs = []
+    for name, mb in (("mem", "8192"), ("disk", "0.001")):
+        _stage1_export(synthetic_root, tmp_path / name)
+        main(_overrides(synthetic_root, tmp_path / name, "trainer.fast_dev_run=true", f"codebook.region_store_mb={mb}"))
+        outs.append(tmp_path / name / "t" / "stage2" / "coded")
+    for f in ("instruct/train.json", "instruct/val.json", "diagseg/test.json"):
+        assert (outs[0] / f).read_text() == (outs[1] / f).read_text()
+    assert not list((tmp_path / "disk" / "t" / "stage2" / "spill").glob("*.bin"))  # removed at the end

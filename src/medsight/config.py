@@ -136,6 +136,7 @@ class CodebookConfig:
     standardize: bool = True  # standardise region queries per channel (training-set statistics) before W_q
     init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the training queries' initial z
     query_batch: int = 1024  # cached matched queries per step for the cheap losses (recon, codebook, modality)
+    region_store_mb: float = 8192.0  # stage 2's per-image feats + masks in memory; beyond it on disk (spill/)
     mask_every: int = 2  # decode masks for the mask loss every this many steps (the one expensive part of a step)
     warmup_steps: int = 100  # first steps: only W_m and the modality head learn, on the initial codes, no decode
     quantize_all: bool = False  # cheap losses on all N final queries of each image, not only the GT-matched ones
