@@ -177,6 +177,22 @@ def test_image_store_is_bounded(tmp_path):
         store.get(Sample(id=p, image=p, modality=0, case=p, source="t"), False)
     assert len(store.images) == 2 and store.bytes <= store.max_bytes
     assert list(store.images) == paths[-2:]  # least recently used out first
+    assert store.full
+
+
+def test_preload_stops_when_the_cache_is_full(tmp_path):
+    from medsight.config import load_config
+    from medsight.data.datamodule import MedicalDataset, _Store, split_transform
+    from medsight.data.formats.common import ErrorPolicy, Sample
+
+    paths = [fx.image(tmp_path / f"{i}.png", size=40, seed=i) for i in range(6)]
+    store = _Store(16, True, max_mb=2.5 * 3 * 16 * 16 / 2**20)
+    samples = [Sample(id=p, image=p, modality=0, case=p, source="t") for p in paths]
+    cfg = load_config("stage1", overrides=["data.image_size=16"])
+    ds = MedicalDataset(samples, "vqa", "train", store, split_transform(cfg, "vqa", "train"), ErrorPolicy())
+    ds.preload()
+    assert len(ds.samples) == 6 and len(store.images) == 2 and store.evicted == 0  # stopped, nothing dropped
+    assert ds[5]["image"].shape == (3, 16, 16)  # decoded when used
 
 
 def test_stage2_region_store_spills_to_disk_beyond_its_budget(tmp_path):

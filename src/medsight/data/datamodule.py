@@ -211,7 +211,12 @@ class _Store:
         self.load_image, self.load_masks = load_transform(image_size)
         self.images: OrderedDict[str, tuple[np.ndarray, tuple[int, int]]] = OrderedDict()
         self.masks: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
-        self.max_bytes, self.bytes = int(max_mb * 2**20), 0
+        self.max_bytes, self.bytes, self.evicted = int(max_mb * 2**20), 0, 0
+
+    @property
+    def full(self) -> bool:
+        """True once something was evicted or the next image would not fit (preloading further is wasted)."""
+        return self.evicted > 0 or self.bytes + 3 * self.image_size ** 2 > self.max_bytes
 
     def _keep(self, table: OrderedDict, key: Any, value: Any, nbytes: int) -> None:
         if not self.enabled or nbytes > self.max_bytes:
@@ -222,6 +227,7 @@ class _Store:
             t = self.images if self.images and (not self.masks or len(self.images) >= len(self.masks)) else self.masks
             _, old = t.popitem(last=False)
             self.bytes -= (old[0] if isinstance(old, tuple) else old).nbytes
+            self.evicted += 1
 
     def get(self, s: Sample, with_masks: bool) -> tuple[np.ndarray, np.ndarray]:
         """(3, S, S) uint8 image and (M, S, S) uint8 masks of a record (M = 0 without masks)."""
@@ -266,10 +272,16 @@ class MedicalDataset(Dataset):
         return len(self.samples)
 
     def preload(self) -> None:
-        """Decode every record once (fills the cache); bad ones raise or are dropped and counted."""
+        """Decode every record once (fills the cache); bad ones raise or are dropped and counted. Stops when
+        the cache is full (data.cache_max_mb): the rest is decoded, and checked, when first used."""
         keep = []
-        for s in tqdm(self.samples, desc=f"cache {self.task}/{self.split}", disable=None, file=sys.stderr,
-                      leave=False):
+        for k, s in enumerate(tqdm(self.samples, desc=f"cache {self.task}/{self.split}", disable=None,
+                                   file=sys.stderr, leave=False)):
+            if self.store.full:
+                log.info("%s/%s: image cache full (data.cache_max_mb) after %d of %d records; the rest are "
+                         "decoded when used", self.task, self.split, k, len(self.samples))
+                keep += self.samples[k:]
+                break
             try:
                 self.store.get(s, self.with_masks)
                 keep.append(s)
