@@ -235,8 +235,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cont = MaskDice(cfg.data.modality_groups, threshold=0.5)
     device = default_device(cfg)
     model.to(device)
+    from medsight.spill import SpillFile
+
+    spill = SpillFile(out / "spill", float(cfg.codebook.region_store_mb))  # bounded memory at real scale
     regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont.to(device),
-                                   device=device, autocast=default_precision(cfg).startswith("bf16"))
+                                   device=device, autocast=default_precision(cfg).startswith("bf16"), spill=spill)
+    if spill.on_disk:
+        log.info("stage 2: %.0f MB of frozen features/masks kept on disk in %s (codebook.region_store_mb=%g)",
+                 spill.on_disk / 2**20, out / "spill", cfg.codebook.region_store_mb)
     model.set_regions(regions, float(cont.compute()["dice"]))
     log.info("frozen outputs of %d images computed once in %.0f s (train %d, val %d)", len(regions),
              time.time() - t0, len(model.train_regions), len(model.val_regions))
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
     report = codes.run_assignment(dm, q, regions, records, out / "coded")
+    spill.close()  # the on-disk part of the frozen outputs is no longer needed
     metrics = {**model.final_metrics, "global_step": trainer.global_step, "seed": cfg.seed,
                "stopped_by_time_cap": stopped_by_time_cap(trainer),
                "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}

@@ -25,7 +25,7 @@ import torch
 
 from medsight.config import from_dict, run_dir, to_dict
 from medsight.export import load_component, read_meta, require_export, write_metrics
-from medsight.joint_data import CodedText, FeatureCache, phase_loader
+from medsight.joint_data import CodedText, FeatureCache, phase_loader, select_rows
 from medsight.joint_eval import evaluate
 from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
@@ -87,12 +87,13 @@ class JointLLMModule(L.LightningModule):
         convs, keep = self.coded.conversations(batch)
         if not all(keep):
             idx = [i for i, k in enumerate(keep) if k]
-            batch = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items()}
+            batch = select_rows(batch, idx)
             convs = [convs[i] for i in idx]
-        feats, regions = FEATURES(self.model, batch["image"])
+        counts = batch.get("image_counts")  # several images per sample: feats/regions of batch["images"]
+        feats, regions = FEATURES(self.model, batch["images"] if counts is not None else batch["image"])
         tok = {k: v.to(self.device) for k, v in self.model.tokenize(convs).items()}
         out = self.model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions,
-                         batch.get("masks"), batch.get("mask_valid"))
+                         batch.get("masks"), batch.get("mask_valid"), image_counts=counts)
         bs = len(convs)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({"train/ce": out["ce"], "train/mask_loss": out["mask_loss"], "train/token_acc": out["token_acc"]},
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
     if not cfg.stage3.phases:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
+    FEATURES.max_bytes = int(float(cfg.stage3.feature_cache_mb) * 2**20)  # bounded at real scale
     timings: dict[str, float] = {}
     steps: dict[str, int] = {}
     capped: dict[str, bool] = {}

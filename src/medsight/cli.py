@@ -4,6 +4,7 @@
     medsight eval mcq     --gt CT.json   --pred answers.jsonl [--protocol official|strict]
     medsight eval diagseg --gt test.json --pred answers.jsonl [--masks-dir DIR]
     medsight eval run     --export checkpoints/default/stage3/export [--data data/synthetic] [--out DIR]
+    medsight eval run     --export E --benchmark vqa-rad,slake,pathvqa,omnimedvqa,diagseg|all --data PATH [--limit N]
     medsight predict      --export DIR --image scan.nii.gz --slice 40 --question "..." --out DIR
 
 User errors (missing files, malformed lines, unmatched ids) print one line on stderr and exit with 2.
@@ -38,6 +39,11 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pred", required=True,
                    help="predictions JSONL: {question_id, text, masks: [path, ...]}; mask paths relative to it")
     p.add_argument("--masks-dir", default=None, help="root of the GT mask paths (default: the GT file's folder)")
+    p.add_argument("--protocol", choices=["official", "strict"], default="strict",
+                   help="strict (default): SPEC section 7, every mask_ids entry; official: the reference "
+                        "notebook (last mask_ids entry, > 127 at native size)")
+    p.add_argument("--path-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rewrite an absolute GT mask path prefix of the authors' disk (repeatable)")
 
     p = tasks.add_parser("run", help="generate answers with an export and score every synthetic test split",
                          description="Greedy generation on vqa/test.json, omnimedvqa/*.json and "
@@ -49,6 +55,13 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed, recorded in results.json (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each split")
+    p.add_argument("--benchmark", default=None,
+                   help="the paper's sets as distributed: vqa-rad, slake, pathvqa, omnimedvqa, diagseg (comma list), "
+                        "all, or synthetic; --data is then the set's folder/file, or a folder holding several")
+    p.add_argument("--modalities", choices=["paper", "all"], default="paper",
+                   help="OmniMedVQA: the 7 modalities the paper reports (default) or all 8 (with Dermoscopy)")
+    p.add_argument("--path-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rewrite an absolute path prefix of the authors' disk (DiagSeg; repeatable)")
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,9 +92,19 @@ def _run(args: argparse.Namespace) -> int:
 
         result = SCORERS[args.task](args.gt, args.pred, args.protocol)
     elif args.command == "eval" and args.task == "diagseg":
+        from medsight.data.formats.common import PathMap
         from medsight.evaluate import score_diagseg_file
 
-        result = score_diagseg_file(args.gt, args.pred, args.masks_dir)
+        result = score_diagseg_file(args.gt, args.pred, args.masks_dir, args.protocol, PathMap.parse(args.path_map))
+    elif args.command == "eval" and args.task == "run" and args.benchmark:
+        from medsight.benchmarks import run_benchmarks
+        from medsight.data.formats.common import PathMap
+
+        result = run_benchmarks(args.export, args.benchmark, args.data, out=args.out, limit=args.limit,
+                                batch_size=args.batch_size, seed=args.seed, modalities=args.modalities,
+                                path_map=PathMap.parse(args.path_map))
+        print(result["table"])
+        return 0
     elif args.command == "eval" and args.task == "run":
         from medsight.evaluate import run_evaluation
 

@@ -82,7 +82,7 @@ def _union_cost(pred_logits: Tensor, pred_masks: Tensor, label: int, target: Ten
 @torch.no_grad()
 def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dict], weights: Mapping[str, float],
                    keep_splits: Sequence[str] = ("train", "val"), metric: Any = None, device: Any = "cpu",
-                   autocast: bool = False) -> list[Regions]:
+                   autocast: bool = False, spill: Any = None) -> list[Regions]:
     """Run the frozen encoder + perceiver once over `loader` (segmentation batches plus keys `image_path`,
     `split`, `is_union`), Hungarian-match each image's single GT masks to the N queries (unions: best query),
     and keep the matched queries. `metric` (MaskDice), when given, is updated with the continuous masks of the
@@ -127,7 +127,8 @@ def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dic
                 pred_idx=pred_idx, labels=labels[b, :n].cpu(), ann_ids=list(batch["ann_ids"][b][:n]),
                 is_union=union[b, :n].cpu(),
                 all_queries=pred["queries"][b].float().cpu() if keep else None,
-                feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
+                feats=_kept(feats[b].cpu(), spill) if keep else None,
+                masks=_kept((masks[b, :n] > 0.5).cpu(), spill) if keep else None))
     return out
 
 
@@ -161,13 +162,21 @@ class BucketBatches(torch.utils.data.Sampler):
         return sum(-(-len(v) // self.batch_size) for v in self.by_m.values())
 
 
+def _kept(t: torch.Tensor, spill: Any) -> Any:
+    """`t`, or its on-disk handle once `spill` (medsight.spill.SpillFile) is over its memory budget."""
+    return t if spill is None else spill.keep(t)
+
+
 def collate_regions(regions: list[Regions]) -> dict[str, torch.Tensor]:
     """Single GT masks of same-M images: feats (B,H',W',D), pooled (B,D), queries (B,M,d), masks (B,M,S,S),
-    labels (B,M), group (B,)."""
+    labels (B,M), group (B,). Spilled feats/masks are read back from disk here."""
+    from medsight.spill import materialize
+
     keep = [~r.is_union for r in regions]
-    return {"feats": torch.stack([r.feats for r in regions]), "pooled": torch.stack([r.pooled for r in regions]),
+    return {"feats": torch.stack([materialize(r.feats) for r in regions]),
+            "pooled": torch.stack([r.pooled for r in regions]),
             "queries": torch.stack([r.queries[k] for r, k in zip(regions, keep)]),
-            "masks": torch.stack([r.masks[k] for r, k in zip(regions, keep)]).float(),
+            "masks": torch.stack([materialize(r.masks)[k] for r, k in zip(regions, keep)]).float(),
             "labels": torch.stack([r.labels[k] for r, k in zip(regions, keep)]),
             "group": torch.tensor([r.group for r in regions])}
 
@@ -187,6 +196,13 @@ def read_records(dm: Any, kinds: Sequence[str] = KINDS) -> dict[tuple[str, str],
     out = {}
     for kind in kinds:
         reader = {"instruct": read_conversations, "diagseg": read_diagseg}[kind]
+        fmt = dict(dm.cfg.data.get("formats") or {}).get(kind)
+        if fmt:  # a distributed layout (data.formats): its grounded records, with <mask> where codes go
+            for split in SPLITS:
+                recs = [r for r in dm._read_format(fmt, kind, dm.path_of(kind), split) if r.masks]
+                if recs:
+                    out[(kind, split)] = recs
+            continue
         for split in SPLITS:
             f = dm.path_of(kind) / f"{split}.json"
             if not f.is_file():
@@ -309,9 +325,12 @@ def write_coded(dm: Any, records: Mapping[tuple[str, str], list[Sample]],
     out_dir = Path(out_dir)
     counts = {}
     for (kind, split), recs in records.items():
-        src = dm.path_of(kind) / f"{split}.json"
-        raw = json.loads(src.read_text())
         key = "id" if kind == "instruct" else "qa_id"
+        if dict(dm.cfg.data.get("formats") or {}).get(kind):  # distributed layout: rows rebuilt from the records
+            raw = [{key: r.extra.get("qid", r.id), "conversations": r.conversations, "mask_orders": r.ann_ids}
+                   if kind == "instruct" else dict(r.extra.get("row", {}), answer=r.answer) for r in recs]
+        else:
+            raw = json.loads((dm.path_of(kind) / f"{split}.json").read_text())
         by_id = {r.id: r for r in recs}
         rows = [code_record(kind, row, by_id[str(row[key])], assignment) for row in raw if str(row.get(key)) in by_id]
         (out_dir / kind).mkdir(parents=True, exist_ok=True)

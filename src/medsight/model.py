@@ -155,8 +155,14 @@ class MedSight:
         model, cfg, meta = load_joint(export_dir, device)
         return cls(model, cfg, meta, device)
 
-    def answer(self, image: np.ndarray, question: str) -> dict[str, Any]:
-        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box"}]}."""
+    def answer(self, image: np.ndarray | Sequence[np.ndarray], question: str) -> dict[str, Any]:
+        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box",
+        "image_index"}]}. `image` may be a list of images (one answer about all of them; each region's
+        image_index says which image its mask is on: medsight.multi_image)."""
+        if isinstance(image, (list, tuple)):
+            from medsight.multi_image import answer_images
+
+            return answer_images(self, image, question)
         return self.answer_batch([image], [question])[0]
 
     @torch.no_grad()
@@ -171,7 +177,10 @@ class MedSight:
             convs = [[{"from": "human", "value": q if "<image>" in q else "<image>\n" + q}] for q in qs]
             preds = self.model.predict(feats, regions, convs, self.max_new_tokens)
             for img, p in zip(imgs, preds):
-                out.append({"text": p.text, "regions": regions_of(p, np.asarray(img).shape[:2])})
+                regions = regions_of(p, np.asarray(img).shape[:2])
+                for r in regions:
+                    r.setdefault("image_index", 0)  # one image per question here
+                out.append({"text": p.text, "regions": regions})
         return out
 
 
