@@ -97,6 +97,8 @@ class PerceiverConfig:
     num_classes: int = NUM_CLASSES  # C; the class head has C + 1 outputs ("no object")
     pixel_ffn: bool = False  # feed-forward on every pixel in the pixel->query update (paper: True; tiny: off, 1.4x faster)
     mask_threshold: float = 0.5  # attention-mask threshold on sigmoid(logit)
+    variant: str = "ours"  # ours | reference (the released model's forward: bias-free FFs with LN, uniform
+    #                        attention for fully blocked queries, no input projection; needs pixel_ffn)
 
 
 @dataclass
@@ -322,6 +324,7 @@ def _validate(cfg: DictConfig) -> None:
         "data.format": ("synthetic", "biomedparse"),
         "data.on_error": ("raise", "skip"),
         "loss.preset": ("paper", "official_code"),
+        "perceiver.variant": ("ours", "reference"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -61,6 +61,7 @@ def save_export(
         "image_size": cfg.data.image_size,
         "perceiver_dim": cfg.perceiver.dim,
         "num_queries": cfg.perceiver.num_queries,
+        "perceiver_variant": cfg.perceiver.variant,
         "classes": {str(k): v for k, v in CLASSES.items()},
         "modality_groups": list(cfg.data.modality_groups),
     }
