@@ -5,6 +5,7 @@
     medsight eval diagseg --gt test.json --pred answers.jsonl [--masks-dir DIR]
     medsight eval run     --export checkpoints/default/stage3/export [--data data/synthetic] [--out DIR]
     medsight predict      --export DIR --image scan.nii.gz --slice 40 --question "..." --out DIR
+    medsight convert open-clip unimed_clip.pt --out DIR [--model ViT-L-14-336-quickgelu]
 
 User errors (missing files, malformed lines, unmatched ids) print one line on stderr and exit with 2.
 """
@@ -65,11 +66,26 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="CT window preset (e.g. abdomen, lung, bone, brain) or CENTER,WIDTH")
 
 
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser("convert", help="convert another project's checkpoint to a medsight-readable one",
+                          description="Convert checkpoints of other projects (nothing in them is executed).")
+    kinds = conv.add_subparsers(dest="kind", required=True, metavar="{open-clip}")
+    p = kinds.add_parser("open-clip", help="open_clip checkpoint -> Hugging Face CLIPVisionModel directory",
+                         description="Vision tower of an open_clip checkpoint (e.g. UniMed-CLIP) -> a CLIPVisionModel "
+                                     "directory for vision.name=hf / clip-vit-l14-336.")
+    p.add_argument("ckpt", help="open_clip .pt file (dict with 'state_dict', or a bare state dict)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default="ViT-L-14-336-quickgelu",
+                   help="open_clip model name: head width and activation (default: ViT-L-14-336-quickgelu)")
+    p.add_argument("--head-width", type=int, default=None, help="attention head width (default: the model's, 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsight", description="MedSIGHT: a medical VLM that answers and segments.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,predict}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,predict,convert}")
     _add_eval_parsers(sub)
     _add_predict_parser(sub)
+    _add_convert_parser(sub)
     return parser
 
 
@@ -89,6 +105,11 @@ def _run(args: argparse.Namespace) -> int:
                                 seed=args.seed, limit=args.limit)
         print(result["table"])
         return 0
+    elif args.command == "convert":
+        from medsight.interop.open_clip import convert_open_clip
+
+        result = convert_open_clip(args.ckpt, args.out, model=args.model, head_width=args.head_width)
+        result = {k: v for k, v in result.items() if k != "ignored_keys"} | {"ignored_keys": len(result["ignored_keys"])}
     else:  # predict
         from medsight.predict import predict
 
