@@ -35,19 +35,19 @@ def _ff(x, sd, p):  # Sequential(LayerNorm, Linear no bias, GELU, Linear no bias
     return F.gelu(h) @ sd[p + ".3.weight"].T
 
 
-def _cross(media, latents, sd, p, blocked=None):
+def _cross(media, latents, sd, p, blocked=None, heads=HEADS, dh=DH):
     """PerceiverCrossAttention(x=media, region_latents=latents, attn_mask=blocked (True = blocked))."""
     x, lat = _ln(media, sd, p + ".norm_media"), _ln(latents, sd, p + ".norm_latents")
     q = lat @ sd[p + ".to_q.weight"].T
     k, v = (x @ sd[p + ".to_kv.weight"].T).chunk(2, dim=-1)
     b = q.shape[0]
-    q, k, v = (t.reshape(b, t.shape[1], HEADS, DH).transpose(1, 2) for t in (q, k, v))  # b n (h d) -> b h n d
-    sim = (q * DH ** -0.5) @ k.transpose(-1, -2)
+    q, k, v = (t.reshape(b, t.shape[1], heads, dh).transpose(1, 2) for t in (q, k, v))  # b n (h d) -> b h n d
+    sim = (q * dh ** -0.5) @ k.transpose(-1, -2)
     if blocked is not None:
         sim = sim.masked_fill(blocked[:, None], -1e9)
     sim = sim - sim.amax(dim=-1, keepdim=True)
     out = sim.softmax(dim=-1) @ v
-    return out.transpose(1, 2).reshape(b, -1, HEADS * DH) @ sd[p + ".to_out.weight"].T
+    return out.transpose(1, 2).reshape(b, -1, heads * dh) @ sd[p + ".to_out.weight"].T
 
 
 def _pos(b, h, w, d):
@@ -77,13 +77,14 @@ def _head(q, f, sd, stats):
     return logits, cls, blocked
 
 
-def oracle(sd: dict, feats: torch.Tensor, queries=None, num_stages=2):
+def oracle(sd: dict, feats: torch.Tensor, queries=None, num_stages=2, heads=HEADS, dh=DH):
     """(masks, class logits, region tokens, stats) of the released forward; sd keys without the prefix."""
     b, h, w, d = feats.shape
+    hd = {"heads": heads, "dh": dh}
     stats = {"fully_blocked": 0, "partly_blocked": 0}
     f = feats + _pos(b, h, w, d)
     q = sd["region_queries"].expand(b, -1, -1) if queries is None else queries
-    q = _ln(_cross(f.reshape(b, h * w, d), q, sd, "init_cross_attn") + q, sd, "init_cross_norm")
+    q = _ln(_cross(f.reshape(b, h * w, d), q, sd, "init_cross_attn", **hd) + q, sd, "init_cross_norm")
     q = _ln(_ff(q, sd, "init_ff") + q, sd, "init_ff_norm")
     logits, cls, blocked = _head(q, f, sd, stats)
     for s in range(num_stages):
@@ -94,9 +95,9 @@ def oracle(sd: dict, feats: torch.Tensor, queries=None, num_stages=2):
         f = f + _pos(b, h, w, d)
         p = f"bi_blocks.{s}"
         flat = f.reshape(b, h * w, d)
-        q = _ln(_cross(flat, q, sd, p + ".region_to_image", blocked) + q, sd, p + ".region_to_image_norm")
+        q = _ln(_cross(flat, q, sd, p + ".region_to_image", blocked, **hd) + q, sd, p + ".region_to_image_norm")
         q = _ln(_ff(q, sd, p + ".ff_region") + q, sd, p + ".ff_region_norm")
-        flat = _ln(_cross(q, flat, sd, p + ".image_to_region") + flat, sd, p + ".image_to_region_norm")
+        flat = _ln(_cross(q, flat, sd, p + ".image_to_region", **hd) + flat, sd, p + ".image_to_region_norm")
         flat = _ln(_ff(flat, sd, p + ".ff_image") + flat, sd, p + ".ff_image_norm")
         f = flat.view(b, h, w, d)
         logits, cls, blocked = _head(q, f, sd, stats)
@@ -104,9 +105,11 @@ def oracle(sd: dict, feats: torch.Tensor, queries=None, num_stages=2):
 
 
 # ------------------------------------------------------------------------------- released layout
-def released_state(num_stages=2, seed=0, proj_bias=0.0) -> dict[str, torch.Tensor]:
+def released_state(num_stages=2, seed=0, proj_bias=0.0, dim=DIM, heads=HEADS, dh=DH, n=N, c=C,
+                   mult=MULT) -> dict[str, torch.Tensor]:
     """A random state dict with the released key names (LayerNorm weights random too, to catch swaps)."""
     g = torch.Generator().manual_seed(seed)
+    DIM, HEADS, DH, N, C, MULT = dim, heads, dh, n, c, mult  # noqa: N806 - the shapes below
 
     def r(*shape, s=0.3):
         return torch.randn(*shape, generator=g) * s

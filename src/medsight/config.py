@@ -66,6 +66,8 @@ class DataConfig:
     modality_groups: list[str] = field(default_factory=lambda: list(SYNTHETIC_MODALITY_GROUPS))
     cache: bool = True  # cache decoded images in memory
     augment: bool = False  # flips/intensity jitter for segmentation training
+    preprocess: str = "resize"  # inference input: resize (square, bilinear, as the DataModule) | clip (the
+    #                             reference's: shorter side to image_size bicubic, centre crop; masks mapped back)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -174,6 +176,8 @@ class LLMConfig:
     image_dropout: float = 0.0  # dropout on the projected image tokens while training (regularises small data)
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
+    generation_prompt: bool = True  # end the prompt with "<|im_start|>assistant\n"; false: the reference's
+    #                                 format (the model writes it itself; stripped from the answer)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -194,6 +198,9 @@ class Stage3Config:
     ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
     max_new_tokens: int = 48  # greedy decoding budget per answer
+    do_sample: bool = False  # greedy by default; true: the reference's sampling (temperature, repetition_penalty)
+    temperature: float = 0.2  # the reference's chatbot value (used only with do_sample)
+    repetition_penalty: float = 1.2  # the reference's chatbot value (used only with do_sample)
     val_batches: Optional[int] = 2  # eval batches per split after each phase (None: the whole val split)
     test_batches: Optional[int] = None  # eval batches per split for the final test metrics (None: all)
 
@@ -325,6 +332,7 @@ def _validate(cfg: DictConfig) -> None:
         "data.on_error": ("raise", "skip"),
         "loss.preset": ("paper", "official_code"),
         "perceiver.variant": ("ours", "reference"),
+        "data.preprocess": ("resize", "clip"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -63,6 +63,10 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
                        separate_projectors=cfg.llm.separate_projectors, mask_loss_weight=cfg.llm.mask_loss_weight,
                        max_length=cfg.llm.max_length, patch_pool=patch_pool(cfg),
                        patch_pool_mode=cfg.llm.patch_pool_mode, system_prompt=cfg.llm.system_prompt)
+    model.generation_prompt = bool(cfg.llm.generation_prompt)
+    if cfg.stage3.do_sample:
+        model.sampling = {"temperature": float(cfg.stage3.temperature),
+                          "repetition_penalty": float(cfg.stage3.repetition_penalty)}
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -96,13 +100,13 @@ def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra
 
 def load_joint(export_dir: Path | str, device: str = "cpu") -> tuple[MedSightLM, DictConfig, dict]:
     """(model, config, meta) from a joint export, every component strictly loaded."""
-    from medsight.models import stage1_components
+    from medsight.models import export_stage1_components
 
     export_dir = Path(export_dir)
     meta, cfg = read_meta(export_dir), read_export_config(export_dir)
     if "code_tokens" not in meta or not (export_dir / "llm").is_dir():
         raise FileNotFoundError(f"{export_dir} is not a stage-3 (joint model) export")
-    comps = stage1_components(cfg)
+    comps = export_stage1_components(cfg, export_dir)
     for name, module in comps.items():
         load_into(module, export_dir, name)
     model = build_joint(cfg, comps["vision"], comps["perceiver"], meta["code_tokens"], export_dir / "tokenizer",
@@ -166,22 +170,39 @@ class MedSight:
         out: list[dict] = []
         for i in range(0, len(images), batch_size):
             imgs, qs = list(images[i:i + batch_size]), list(questions[i:i + batch_size])
-            x = preprocess(imgs, self.cfg.data.image_size, self.cfg.data.mean, self.cfg.data.std).to(self.device)
-            feats, regions = self.model.encode_images(x)
+            x, crops = preprocess_for(self.cfg, imgs)
+            feats, regions = self.model.encode_images(x.to(self.device))
             convs = [[{"from": "human", "value": q if "<image>" in q else "<image>\n" + q}] for q in qs]
             preds = self.model.predict(feats, regions, convs, self.max_new_tokens)
-            for img, p in zip(imgs, preds):
-                out.append({"text": p.text, "regions": regions_of(p, np.asarray(img).shape[:2])})
+            for img, p, crop in zip(imgs, preds, crops):
+                out.append({"text": p.text, "regions": regions_of(p, np.asarray(img).shape[:2], crop)})
         return out
 
 
-def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
+def preprocess_for(cfg: DictConfig, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list]:
+    """Model input for `images` by `data.preprocess` and, per image, the crop it covers (None: the whole
+    image, squashed) so masks can be mapped back."""
+    d = cfg.data
+    if d.get("preprocess", "resize") == "clip":
+        from medsight.data.clip_preprocess import clip_preprocess
+
+        return clip_preprocess(images, d.image_size, d.mean, d.std)
+    return preprocess(images, d.image_size, d.mean, d.std), [None] * len(images)
+
+
+def regions_of(pred, size: tuple[int, int], crop: Any = None) -> list[dict[str, Any]]:
     """Per emitted code: mask at `size` (bilinear logits, > 0), mean probability inside it, class name from the
     perceiver's class head (argmax over real classes: neither background nor "no object") and the mask's box
     [x0, y0, x1, y1) (None for an empty mask)."""
     if not pred.codes:
         return []
-    logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    if crop is not None:  # the model saw a centre crop: back through it, nothing outside it
+        from medsight.data.clip_preprocess import crop_to_input
+
+        logits = crop_to_input(pred.mask_logits, crop, tuple(size))
+    else:
+        logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear",
+                               align_corners=False)[0]
     probs = logits.sigmoid()
     cls = pred.class_logits[:, 1:-1].argmax(-1) + 1  # (M,)
     regions = []
@@ -195,4 +216,4 @@ def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
     return regions
 
 
-__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "regions_of", "save_joint"]
+__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "preprocess_for", "regions_of", "save_joint"]

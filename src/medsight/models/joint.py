@@ -134,6 +134,9 @@ class MedSightLM(nn.Module):
         self.patch_pool, self.patch_pool_mode = patch_pool, patch_pool_mode
         self.system_prompt = system_prompt or None
         self.image_dropout = 0.0  # training-time only: set_dropout
+        # False: the reference's prompt (no "<|im_start|>assistant\n"; the model writes it, stripped after)
+        self.generation_prompt = True
+        self.sampling: dict[str, float] | None = None  # {"temperature", "repetition_penalty"}; None: greedy
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []
@@ -204,7 +207,8 @@ class MedSightLM(nn.Module):
         ends = width.cumsum(1)  # (B, T) exclusive end in the expanded sequence
         length = int(ends[:, -1].max()) if t else 0
         starts = ends - width + (length - ends[:, -1:])  # shift right: left padding
-        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids)  # (B, T, h)
+        # the <image> placeholder needs no embedding row (imported vocabularies have none for it)
+        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids.masked_fill(is_img, 0))  # (B, T, h)
         embeds = tok_embeds.new_zeros(b, length, tok_embeds.shape[-1])
         mask = attention_mask.new_zeros(b, length)
         out_labels = input_ids.new_full((b, length), IGNORE)
@@ -252,7 +256,8 @@ class MedSightLM(nn.Module):
     def decode_masks(self, states: torch.Tensor, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Code hidden states (B, M, h) -> t->v -> perceiver decode on each image's features:
         pred_masks (B, M, h', w') logits and pred_logits (B, M, C + 1)."""
-        queries = self.projector_t2v(states)  # (B, M, d)
+        weight = next(self.projector_t2v.parameters())
+        queries = self.projector_t2v(states.to(weight.dtype))  # (B, M, d); a bf16 LLM beside fp32 projectors
         out = self.perceiver(feats.to(queries.dtype), queries=queries)
         return {"pred_masks": out["pred_masks"], "pred_logits": out["pred_logits"]}
 
@@ -307,12 +312,13 @@ class MedSightLM(nn.Module):
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
                  max_new_tokens: int = 48) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """Greedy decoding (deterministic) with a KV cache. Returns the tokenised prompts and the generated
-        ids per sample (up to and including the end-of-turn token)."""
+        """Greedy decoding (deterministic) with a KV cache; with `self.sampling` the reference's sampling
+        (repetition penalty on the generated ids, then temperature). Returns the tokenised prompts and the
+        generated ids per sample (up to and including the end-of-turn token)."""
         from transformers import DynamicCache
 
         lm = self.causal_lm()
-        prompt = self.tokenize(conversations, generation_prompt=True)
+        prompt = self.tokenize(conversations, generation_prompt=self.generation_prompt)
         prompt = {k: v.to(feats.device) for k, v in prompt.items()}
         inputs = self.build_inputs(prompt["input_ids"], prompt["attention_mask"], self.image_embeddings(feats, regions))
         stop = torch.as_tensor(self.stop_ids(), device=feats.device)
@@ -324,7 +330,7 @@ class MedSightLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=feats.device)
         generated: list[list[int]] = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            nxt = self._next_token(out.logits[:, -1], generated)  # (B,)
             for i in range(b):
                 if not done[i]:
                     generated[i].append(int(nxt[i]))
@@ -336,13 +342,38 @@ class MedSightLM(nn.Module):
             out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return prompt, generated
 
+    def _next_token(self, logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+        """Greedy argmax, or the reference's sampling: HF-style repetition penalty over the ids generated so
+        far (the prompt is embeddings there), temperature, multinomial draw."""
+        if not self.sampling:
+            return logits.argmax(-1)
+        logits = logits.float().clone()
+        penalty = float(self.sampling.get("repetition_penalty", 1.0))
+        for i, ids in enumerate(generated):
+            if ids and penalty != 1.0:
+                idx = torch.as_tensor(sorted(set(ids)), device=logits.device)
+                row = logits[i, idx]
+                logits[i, idx] = torch.where(row < 0, row * penalty, row / penalty)
+        probs = (logits / max(float(self.sampling.get("temperature", 1.0)), 1e-5)).softmax(-1)
+        return torch.multinomial(probs, 1).squeeze(1)
+
+    def answer_text(self, ids: list[int]) -> str:
+        """The decoded answer without stop tokens; without a generation prompt also without the
+        "<|im_start|>assistant\n" the model writes first."""
+        stop_ids = set(self.stop_ids())
+        text = self.tokenizer.decode([t for t in ids if t not in stop_ids], skip_special_tokens=False)
+        if not self.generation_prompt:
+            for head in ("<|im_start|>assistant\n", "assistant\n"):
+                if text.startswith(head):
+                    return text[len(head):]
+        return text
+
     @torch.no_grad()
     def predict(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
                 max_new_tokens: int = 48) -> list[Prediction]:
         """Generate, then ONE teacher-forced forward over prompt + answer; decode a mask for each emitted
         code from the hidden state at its own position (the training rule)."""
         prompt, generated = self.generate(feats, regions, conversations, max_new_tokens)
-        stop_ids = set(self.stop_ids())
         n_prompt = self.is_code(prompt["input_ids"]).sum(1).tolist()  # codes already in the prompt (history)
         rows = [i for i, g in enumerate(generated) if bool(self.is_code(torch.as_tensor(g, dtype=torch.long,
                                                                                            device=feats.device)).any())]
@@ -361,7 +392,7 @@ class MedSightLM(nn.Module):
                             decoded["pred_masks"][r][j], decoded["pred_logits"][r][j])
         preds = []
         for i, gen in enumerate(generated):
-            text = self.tokenizer.decode([t for t in gen if t not in stop_ids], skip_special_tokens=False)
+            text = self.answer_text(gen)
             if i in found:
                 preds.append(Prediction(text, gen, *found[i]))
             else:
