@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "num_codes": cfg.codebook.num_codes, "code_dim": cfg.codebook.code_dim,
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
-    report = codes.run_assignment(dm, q, regions, records, out / "coded")
+    report = codes.run_assignment(dm, q, regions, records, out / "coded", names)
     metrics = {**model.final_metrics, "global_step": trainer.global_step,
                "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)

@@ -289,3 +289,16 @@ def test_pickle_that_would_run_code_is_refused(released, tmp_path):
     with pytest.raises(UnsafePickleError, match="evil.pt.*system"):
         import_official(tmp_path / "evil.pt", r / "medsight_full_instruct", r / "unimed.pt", tmp_path / "o")
     assert not (tmp_path / "ran").exists()
+
+
+def test_coding_new_data_uses_the_exports_code_names():
+    """Grounded data coded for an imported export carries the released names, not the [C..] pattern."""
+    from medsight.codes import code_namer, code_record
+    from medsight.data.readers import Sample
+
+    names = [f"[M{g}_{k}]" for g in range(GROUPS) for k in range(CODES)]
+    rec = Sample(id="r", image="/d/a.png", modality=1, case="a", source="x", ann_ids=["7"])
+    row = {"id": "r", "conversations": [{"from": "human", "value": "<image>\nSegment"},
+                                        {"from": "gpt", "value": "Liver <mask>."}], "mask_orders": ["7"]}
+    out = code_record("instruct", row, rec, {("/d/a.png", "7"): (1, 1)}, code_namer(names, CODES))
+    assert out["conversations"][1]["value"] == "Liver [M1_1]." and out["codes"] == ["[M1_1]"]
