@@ -198,6 +198,8 @@ class Stage3Config:
     ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
     max_new_tokens: int = 48  # greedy decoding budget per answer
+    init_from_joint: Optional[str] = None  # a stage-3 (joint) export to fine-tune, e.g. `medsight import official`'s;
+    #                                        its weights replace the stage-1/2 start, `phases` picks what trains
     do_sample: bool = False  # greedy by default; true: the reference's sampling (temperature, repetition_penalty)
     temperature: float = 0.2  # the reference's chatbot value (used only with do_sample)
     repetition_penalty: float = 1.2  # the reference's chatbot value (used only with do_sample)
