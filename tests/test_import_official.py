@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tests.test_open_clip import oracle_intermediates
 from tests.test_perceiver_reference import oracle, released_state
@@ -148,7 +148,7 @@ def imported(released, tmp_path_factory):
 
 
 def test_import_report_and_self_contained_export(imported, released):
-    from medsight.export import read_export_config, read_meta
+    from medsight.export import load_component, read_export_config, read_meta
 
     out, report = imported
     meta = read_meta(out)
@@ -166,7 +166,8 @@ def test_import_report_and_self_contained_export(imported, released):
     assert cfg.llm.system_prompt == "You are a helpful assistant." and not (out / "_vision_converted").exists()
     text = (out / "config.yaml").read_text() + (out / "llm" / "config.json").read_text()
     assert str(released["root"]) not in text  # nothing points back at the released files
-    assert load_file(str(out / "llm.safetensors"))["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert load_component(out, "llm")["model.embed_tokens.weight"].dtype == torch.bfloat16  # kept as released
+    assert len(json.loads((out / "llm.safetensors.index.json").read_text())["weight_map"]) == len(released["llm"])
 
 
 def test_imported_parts_compute_the_released_model(imported, released):
@@ -178,12 +179,17 @@ def test_imported_parts_compute_the_released_model(imported, released):
 
     out, _ = imported
     model, _, meta = load_joint(out)
-    raw = json.loads((released["root"] / "medsight_full_instruct" / "config.json").read_text())
-    plain = Qwen3ForCausalLM(Qwen3Config(**{k: raw[k] for k in (
+    src = released["root"] / "medsight_full_instruct"
+    raw = json.loads((src / "config.json").read_text())
+    plain_dir = released["root"] / "plain_qwen3"  # the same shards beside a plain Qwen3 config
+    plain_dir.mkdir(exist_ok=True)
+    Qwen3Config(**{k: raw[k] for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "rope_theta")}))
-    plain = plain.to(torch.bfloat16).eval()  # the released dtype, kept by the import
-    plain.load_state_dict(released["llm"], strict=True)
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "rope_theta")}
+                ).save_pretrained(plain_dir)
+    for f in src.glob("model*"):
+        (plain_dir / f.name).write_bytes(f.read_bytes())
+    plain = Qwen3ForCausalLM.from_pretrained(plain_dir, dtype=torch.bfloat16).eval()
     ids = torch.tensor([[1, 5, 9, 30, meta["code_ids"][3], 2]])
     with torch.no_grad():
         ours = model.causal_lm()(input_ids=ids).logits

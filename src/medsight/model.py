@@ -37,9 +37,12 @@ log = logging.getLogger("medsight")
 
 # ------------------------------------------------------------------------------------- building
 def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Module, code_tokens: list[str],
-                tokenizer_dir: Path | str | None = None, llm_config_dir: Path | str | None = None) -> MedSightLM:
+                tokenizer_dir: Path | str | None = None, llm_config_dir: Path | str | None = None,
+                llm_state: dict[str, torch.Tensor] | None = None) -> MedSightLM:
     """The joint model around frozen stage-1 modules. The LLM comes from its backbone factory, or, when
-    `llm_config_dir` is given (an export), from that saved Hugging Face config (weights loaded after)."""
+    `llm_config_dir` is given (an export), from that saved Hugging Face config: with `llm_state` (the
+    export's tensors) built on the meta device and given those tensors as its weights (no random init, no
+    fp32 copy: a bf16 export stays bf16), else randomly initialised (weights loaded after)."""
     from medsight.models.llm import (
         _prepare_tokenizer,
         add_code_tokens,
@@ -52,7 +55,15 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
 
         trc = bool(cfg.llm.trust_remote_code)
         config = AutoConfig.from_pretrained(str(llm_config_dir), local_files_only=True, trust_remote_code=trc)
-        llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trc)
+        if llm_state is not None and not trc:
+            llm = _llm_from_state(config, llm_state, Path(llm_config_dir).parent)
+        else:
+            llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trc)
+            if llm_state is not None:
+                from medsight.export import check_fits
+
+                check_fits(llm, llm_state, Path(llm_config_dir).parent, "llm")
+                llm.load_state_dict(llm_state, strict=True)
         tok = _prepare_tokenizer(load_tokenizer(tokenizer_dir, trc))
     else:
         llm, tok = build_llm(cfg, tokenizer_dir)
@@ -70,6 +81,22 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _llm_from_state(config, state: dict[str, torch.Tensor], export_dir: Path) -> torch.nn.Module:
+    """A causal LM whose parameters ARE `state`'s tensors (meta-device construction, strict key check,
+    non-persistent buffers such as the rotary frequencies computed by transformers)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from medsight.export import check_fits
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with torch.device("meta"):
+        skeleton = cls(config)
+    check_fits(skeleton, state, export_dir, "llm")
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    dtype = floats.pop() if len(floats) == 1 else torch.float32
+    return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
 def patch_pool(cfg: DictConfig) -> int:
@@ -110,12 +137,11 @@ def load_joint(export_dir: Path | str, device: str = "cpu") -> tuple[MedSightLM,
     for name, module in comps.items():
         load_into(module, export_dir, name)
     model = build_joint(cfg, comps["vision"], comps["perceiver"], meta["code_tokens"], export_dir / "tokenizer",
-                        export_dir / "llm")
+                        export_dir / "llm", llm_state=load_component(export_dir, "llm"))
     if model.code_ids.tolist() != meta["code_ids"]:
         raise RuntimeError(f"{export_dir}: the tokenizer's code-token ids differ from meta.json's")
     load_into(model.projector_v2t, export_dir, "projector_v2t")
     load_into(model.projector_t2v, export_dir, "projector_t2v")
-    load_into(model.llm, export_dir, "llm")
     if meta.get("lora"):
         lo = meta["lora"]
         apply_lora(model, lo["r"], lo["alpha"], lo["dropout"], lo["target_modules"])

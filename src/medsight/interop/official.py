@@ -149,14 +149,24 @@ def llm_shards(llm_dir: Path) -> list[Path]:
     return shards
 
 
-def iter_llm_tensors(llm_dir: Path) -> Iterator[tuple[str, Path, Any]]:
-    """(key, shard, safe_open handle) for every tensor of the released LLM directory (nothing loaded yet)."""
+def shard_keys(shard: Path) -> list[str]:
+    """The tensor names of one safetensors file (its header only)."""
     from safetensors import safe_open
 
-    for shard in llm_shards(llm_dir):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                yield key, shard, f
+    with safe_open(str(shard), framework="pt") as f:
+        return list(f.keys())
+
+
+def shard_shapes(shard: Path, keys: list[str]) -> dict[str, Any]:
+    """{key: slice with .shape} from the header of one safetensors file (no tensor data read)."""
+    from safetensors import safe_open
+
+    class _Shape:
+        def __init__(self, shape: list[int]) -> None:
+            self.shape = tuple(shape)
+
+    with safe_open(str(shard), framework="pt") as f:
+        return {k: _Shape(f.get_slice(k).get_shape()) for k in keys}
 
 
 def classify_llm_key(key: str, llm_keys: set[str]) -> tuple[str, str] | tuple[str, None]:
@@ -247,11 +257,10 @@ def import_official(perceiver: str | Path, llm: str | Path, vision: str | Path, 
                     groups: str | None = None, max_new_tokens: int = 512) -> dict[str, Any]:
     """Write a stage-3 export at `out` that computes the released model; returns the import report (also in
     meta.json under "imported")."""
-    from safetensors.torch import save_file
     from transformers import Qwen3ForCausalLM
 
     from medsight.config import load_config
-    from medsight.export import save_export
+    from medsight.export import save_component_shards, save_export
     from medsight.interop.reference_perceiver import map_reference_perceiver
     from medsight.models.backbones import HFVisionEncoder, load_hf_vision
     from medsight.models.llm import QWEN_CHAT_TEMPLATE, load_tokenizer
@@ -318,48 +327,66 @@ def import_official(perceiver: str | Path, llm: str | Path, vision: str | Path, 
     report["perceiver_unused"] = p_unused
     report["perceiver_unused_outside"] = outside
 
-    # --- LLM weights, shard by shard: projectors kept here, LM tensors written as they come
+    # --- LLM weights: pass 1 classifies every key (no tensor read), pass 2 streams shard by shard
     hidden = qcfg.hidden_size
     with torch.device("meta"):
-        lm_keys = set(Qwen3ForCausalLM(qcfg).state_dict())
+        lm_meta = Qwen3ForCausalLM(qcfg).state_dict()
+    lm_keys = set(lm_meta)
     v2t = VisionToText(vc.hidden_size, dims["dim"], hidden, separate=separate)
     t2v = TextToVision(hidden, dims["dim"])
-    parts: dict[str, dict[str, torch.Tensor]] = {"projector_v2t": {}, "projector_t2v": {}}
-    lm_state: dict[str, torch.Tensor] = {}
+    shards = llm_shards(llm_dir)
+    plan: dict[Path, list[tuple[str, str, str]]] = {s: [] for s in shards}  # shard -> (key, component, ours)
     llm_unused: dict[str, str] = {}
     unknown = []
-    for key, shard, f in iter_llm_tensors(llm_dir):
-        comp, ours = classify_llm_key(key, lm_keys)
-        if comp == "unused":
-            llm_unused[key] = ours  # type: ignore[assignment]
-        elif comp == "unknown":
-            unknown.append(f"{key} ({shard.name})")
-        elif comp == "llm":
-            lm_state[key] = f.get_tensor(key)
-        else:
-            parts[comp][ours] = f.get_tensor(key)  # type: ignore[index]
+    for shard in shards:
+        for key in shard_keys(shard):
+            comp, ours = classify_llm_key(key, lm_keys)
+            if comp == "unused":
+                llm_unused[key] = ours  # type: ignore[assignment]
+            elif comp == "unknown":
+                unknown.append(f"{key} ({shard.name})")
+            else:
+                plan[shard].append((key, comp, ours))  # type: ignore[arg-type]
     if unknown:
         raise OfficialImportError(f"{llm_dir}: keys medsight does not know: {unknown[:8]}", path=str(llm_dir),
-                           field=unknown[0].split(" ")[0])
+                                  field=unknown[0].split(" ")[0])
+    found = {(c, o) for items in plan.values() for _, c, o in items}
+    released = {"mlp": "model.mm_projector", "region_mlp": "model.region_mm_projector", "net": "model.token_projection"}
     for comp, module in (("projector_v2t", v2t), ("projector_t2v", t2v)):
-        want = module.state_dict()
-        missing = sorted(set(want) - set(parts[comp]))
+        missing = sorted(k for k in module.state_dict() if (comp, k) not in found)
         if missing:
-            released = {"mlp": "model.mm_projector", "region_mlp": "model.region_mm_projector",
-                        "net": "model.token_projection"}
             name = released[missing[0].split(".")[0]] + missing[0][missing[0].index("."):]
             raise OfficialImportError(f"{llm_dir}: missing '{name}' (needed for {comp})", path=str(llm_dir), field=name)
-        module.load_state_dict({k: v.float() for k, v in parts[comp].items()}, strict=True)
-    missing = sorted(lm_keys - set(lm_state))
+    missing = sorted(k for k in lm_keys if ("llm", k) not in found)
     if qcfg.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing:
         raise OfficialImportError(f"{llm_dir}: missing LLM tensors {missing[:8]}", path=str(llm_dir), field=missing[0])
-    rows = lm_state["model.embed_tokens.weight"].shape[0]
+    bad = [f"{k}: {tuple(t.shape)} vs {tuple(lm_meta[k].shape)}" for shard in shards
+           for k, t in shard_shapes(shard, [k for k, c, _ in plan[shard] if c == "llm"]).items()
+           if tuple(t.shape) != tuple(lm_meta[k].shape)]
+    if bad:
+        raise OfficialImportError(f"{llm_dir}: LLM tensors do not fit its config.json: {bad[:4]}", path=str(llm_dir))
+    rows = lm_meta["model.embed_tokens.weight"].shape[0]
     code_ids = tokenizer.convert_tokens_to_ids(codes)
     if max(code_ids) >= rows:
         raise OfficialImportError(f"{llm_dir}: code-token id {max(code_ids)} has no embedding row ({rows} rows)",
-                           path=str(llm_dir), field="model.embed_tokens.weight")
+                                  path=str(llm_dir), field="model.embed_tokens.weight")
+    parts: dict[str, dict[str, torch.Tensor]] = {"projector_v2t": {}, "projector_t2v": {}}
+
+    def llm_parts() -> Iterator[dict[str, torch.Tensor]]:
+        """One released shard at a time: its LLM tensors (written as they are), its projector tensors kept."""
+        from safetensors import safe_open
+
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as f:
+                out_shard = {}
+                for key, comp, ours in plan[shard]:
+                    if comp == "llm":
+                        out_shard[ours] = f.get_tensor(key)
+                    else:
+                        parts[comp][ours] = f.get_tensor(key)
+            yield out_shard
 
     # --- write the export
     extra: dict[str, Any] = {}
@@ -372,10 +399,11 @@ def import_official(perceiver: str | Path, llm: str | Path, vision: str | Path, 
                    "embedding_rows": rows, "vocab_rows_added": 0})
     meta = {"code_tokens": codes, "code_ids": list(code_ids), "lora": None, "llm": "hf", "hidden_size": hidden,
             "imported": report, "codes_initialised": True}
+    save_component_shards(out, "llm", llm_parts(), count=len(shards))
+    for comp, module in (("projector_v2t", v2t), ("projector_t2v", t2v)):
+        module.load_state_dict({k: v.float() for k, v in parts[comp].items()}, strict=True)
     save_export(out, cfg, {"vision": encoder, "perceiver": perceiver_model, "projector_v2t": v2t,
                            "projector_t2v": t2v, **extra}, meta)
-    save_file({k: v.contiguous() for k, v in lm_state.items()}, str(out / "llm.safetensors"))
-    del lm_state
     meta_path = out / "meta.json"
     meta_full = json.loads(meta_path.read_text())
     meta_full["components"] = sorted([*meta_full["components"], "llm"])
