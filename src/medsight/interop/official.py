@@ -67,7 +67,7 @@ class OfficialImportError(DataError):
 def read_perceiver_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(state dict, args as a dict, which entry was used) of a released perceiver `.pt`; refuses
     structures medsight does not reproduce, naming the argument."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # the optimizer state is never read
     if not isinstance(ckpt, dict):
         raise OfficialImportError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}", path=str(path))
     which = next((k for k in ("ema", "model", "state_dict") if isinstance(ckpt.get(k), dict)), None)

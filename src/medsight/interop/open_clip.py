@@ -153,7 +153,7 @@ def convert_open_clip(ckpt: str | Path, out: str | Path, model: str = DEFAULT_MO
     source = str(ckpt)
     if model not in OPEN_CLIP_MODELS:  # before reading gigabytes
         raise DataError(f"unknown open_clip model '{model}'; choose from {sorted(OPEN_CLIP_MODELS)}", field="model")
-    state = open_clip_state_dict(load_checkpoint(ckpt, map_location="cpu"), source)
+    state = open_clip_state_dict(load_checkpoint(ckpt, map_location="cpu", mmap=True), source)
     hf_state, ignored = map_open_clip_visual(state, source)
     config = vision_config_from_shapes(hf_state, model, source, head_width)
     vision = CLIPVisionModel(config)
