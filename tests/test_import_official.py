@@ -308,3 +308,30 @@ def test_coding_new_data_uses_the_exports_code_names():
                                         {"from": "gpt", "value": "Liver <mask>."}], "mask_orders": ["7"]}
     out = code_record("instruct", row, rec, {("/d/a.png", "7"): (1, 1)}, code_namer(names, CODES))
     assert out["conversations"][1]["value"] == "Liver [M1_1]." and out["codes"] == ["[M1_1]"]
+
+
+@pytest.mark.slow  # ~30 s: a short instruct phase on the synthetic data
+def test_stage3_fine_tunes_an_imported_export(released, synthetic_root, tmp_path):
+    """stage3.init_from_joint: the instruct phase starts from the imported weights and keeps its format."""
+    import medsight
+    from medsight.export import load_component, read_export_config
+    from stages.stage3 import main
+
+    from medsight.interop.official import import_official
+
+    r = released["root"]  # group names as the fine-tuning data spells them (--groups)
+    out = tmp_path / "imported"
+    import_official(r / "0079280.pt", r / "medsight_full_instruct", r / "unimed.pt", out,
+                    groups="CT,MRI,X-Ray,Dermoscopy", max_new_tokens=2)
+    main([f"data.root={synthetic_root}", f"out_root={tmp_path}", "run_name=ft", f"stage3.init_from_joint={out}",
+          "stage3.phases=[instruct]", "stage3.instruct.max_steps=2", "stage3.val_batches=1", "stage3.test_batches=1",
+          "stage3.max_new_tokens=2", "data.batch_size=2", "data.eval_batch_size=2", "trainer.accelerator=cpu",
+          "trainer.enable_progress_bar=false"])
+    final = tmp_path / "ft" / "stage3" / "export"
+    cfg = read_export_config(final)
+    assert (cfg.perceiver.variant, cfg.llm.generation_prompt, cfg.data.preprocess) == ("reference", False, "clip")
+    before, after = load_component(out, "llm"), load_component(final, "llm")
+    assert after["lm_head.weight"].dtype == torch.bfloat16
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the LLM trained
+    assert torch.equal(load_component(out, "perceiver")["query_embed"], load_component(final, "perceiver")["query_embed"])
+    assert [r["code"] for r in medsight.load(final).answer(np.zeros((16, 16, 3), np.uint8), "Where?")["regions"]]

@@ -24,6 +24,11 @@ INHERITED: dict[str, tuple[str, ...]] = {
     "stage3": ("vision", "perceiver", "codebook", "data.image_size", "data.mean", "data.std",
                "data.modality_groups"),
 }
+#: fine-tuning a joint export (`stage3.init_from_joint`) also keeps its LLM and its input/chat format
+JOINT_INHERITED = (*INHERITED["stage3"], "data.preprocess", "llm.name", "llm.path", "llm.trust_remote_code",
+                   "llm.separate_projectors", "llm.patch_pool", "llm.patch_pool_mode", "llm.system_prompt",
+                   "llm.generation_prompt", "llm.max_length", "llm.hidden_size", "llm.num_layers", "llm.num_heads",
+                   "llm.num_kv_heads", "llm.intermediate_size", "llm.vocab_size", "llm.tie_word_embeddings")
 
 
 def _leaves(node: Any, prefix: str) -> Iterable[tuple[str, Any]]:
@@ -79,7 +84,7 @@ def inherit_from_export(cfg: DictConfig, export_dir: Path | str, explicit: dict[
     return changed
 
 
-__all__ = ["INHERITED", "explicit_keys", "inherit_from_export"]
+__all__ = ["INHERITED", "JOINT_INHERITED", "explicit_keys", "inherit_for_stage", "inherit_from_export"]
 
 
 def inherit_for_stage(cfg: DictConfig, overlays: Iterable[str], overrides: Iterable[str]) -> list[str]:
@@ -97,7 +102,8 @@ def inherit_for_stage(cfg: DictConfig, overlays: Iterable[str], overrides: Itera
         source = Path(joint)
     if not (Path(source) / "config.yaml").is_file():
         return []
-    changed = inherit_from_export(cfg, source, explicit_keys(overlays, overrides))
+    changed = inherit_from_export(cfg, source, explicit_keys(overlays, overrides),
+                                  JOINT_INHERITED if joint else None)
     if changed:
         logging.getLogger("medsight").info("%s: took %s from the export %s", cfg.stage, ", ".join(changed), source)
     return changed

@@ -120,6 +120,9 @@ def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra
             "llm": cfg.llm.name, "hidden_size": model.causal_lm().config.hidden_size}
     meta.update(extra_meta or {})
     save_export(export_dir, cfg, comps, meta)
+    v = cfg.vision
+    if v.name == "hf" and v.path and not Path(v.path).is_absolute() and hasattr(model.vision, "model"):
+        model.vision.model.config.save_pretrained(str(export_dir / v.path))  # an imported export's vision_config/
     model.causal_lm().config.save_pretrained(str(export_dir / "llm"))
     model.tokenizer.save_pretrained(str(export_dir / "tokenizer"))
     return export_dir

@@ -298,7 +298,8 @@ class MedSightLM(nn.Module):
         if not torch.is_tensor(mask_loss) or mask_loss.grad_fn is None:
             # keep every trainable projector in the graph (DDP expects each parameter to get a gradient)
             # (through the module's forward, not its parameters: FSDP2 only gathers weights inside forward)
-            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1]).sum()
+            weight = next(self.projector_t2v.parameters())
+            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1].to(weight.dtype)).sum()
         out["mask_loss"] = mask_loss
         out["loss"] = ce + self.mask_loss_weight * mask_loss
         return out
