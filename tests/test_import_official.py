@@ -315,9 +315,8 @@ def test_stage3_fine_tunes_an_imported_export(released, synthetic_root, tmp_path
     """stage3.init_from_joint: the instruct phase starts from the imported weights and keeps its format."""
     import medsight
     from medsight.export import load_component, read_export_config
-    from stages.stage3 import main
-
     from medsight.interop.official import import_official
+    from stages.stage3 import main
 
     r = released["root"]  # group names as the fine-tuning data spells them (--groups)
     out = tmp_path / "imported"
