@@ -334,3 +334,16 @@ def test_stage3_fine_tunes_an_imported_export(released, synthetic_root, tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the LLM trained
     assert torch.equal(load_component(out, "perceiver")["query_embed"], load_component(final, "perceiver")["query_embed"])
     assert [r["code"] for r in medsight.load(final).answer(np.zeros((16, 16, 3), np.uint8), "Where?")["regions"]]
+
+
+def test_reference_sampling_settings(imported):
+    """stage3.do_sample: HF-style repetition penalty over the generated ids, temperature, a draw."""
+    import medsight
+
+    lm = medsight.load(imported[0]).model
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    assert lm._next_token(logits, [[0]]).tolist() == [0]  # greedy when sampling is off
+    lm.sampling = {"temperature": 1e-4, "repetition_penalty": 10.0}
+    assert lm._next_token(logits, [[0]]).tolist() == [2]  # 2.0 / 10 < 0.5: the repeated token loses
+    lm.sampling = {"temperature": 1e-4, "repetition_penalty": 1.0}
+    assert lm._next_token(logits, [[0]]).tolist() == [0]
