@@ -61,11 +61,9 @@ def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, Reg
     export_dir = require_export(export_dir, "stage1")
     check_compatible(read_meta(export_dir), cfg, export_dir)
     built = read_export_config(export_dir)
-    if built.vision.name == "clip-vit-l14-336":
-        built.vision.path = None  # architecture is known; weights come from the export, not read twice
-    elif cfg.vision.path:
+    if built.vision.name == "hf" and cfg.vision.path:
         built.vision.path = cfg.vision.path  # hf: the encoder's config.json may have moved
-    comps = stage1_components(built)
+    comps = export_stage1_components(built, export_dir)  # architecture only: the weights come from the export
     for name, module in comps.items():
         load_into(module, export_dir, name)
         module.requires_grad_(False).eval()
