@@ -297,6 +297,19 @@ def test_pickle_that_would_run_code_is_refused(released, tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+def test_import_cli_user_error_is_one_line(released, tmp_path, capsys):
+    from medsight.cli import main
+
+    _RunsCode.marker = str(tmp_path / "ran")
+    torch.save({"model": {}, "args": _RunsCode()}, tmp_path / "evil.pt")
+    r = released["root"]
+    assert main(["import", "official", "--perceiver", str(tmp_path / "evil.pt"), "--llm",
+                 str(r / "medsight_full_instruct"), "--vision", str(r / "unimed.pt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medsight: error:") and "evil.pt" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists()
+
+
 def test_coding_new_data_uses_the_exports_code_names():
     """Grounded data coded for an imported export carries the released names, not the [C..] pattern."""
     from medsight.codes import code_namer, code_record
@@ -314,14 +327,15 @@ def test_coding_new_data_uses_the_exports_code_names():
 def test_stage3_fine_tunes_an_imported_export(released, synthetic_root, tmp_path):
     """stage3.init_from_joint: the instruct phase starts from the imported weights and keeps its format."""
     import medsight
+    from medsight.cli import main as cli
     from medsight.export import load_component, read_export_config
-    from medsight.interop.official import import_official
     from stages.stage3 import main
 
     r = released["root"]  # group names as the fine-tuning data spells them (--groups)
     out = tmp_path / "imported"
-    import_official(r / "0079280.pt", r / "medsight_full_instruct", r / "unimed.pt", out,
-                    groups="CT,MRI,X-Ray,Dermoscopy", max_new_tokens=2)
+    assert cli(["import", "official", "--perceiver", str(r / "0079280.pt"), "--llm", str(r / "medsight_full_instruct"),
+                "--vision", str(r / "unimed.pt"), "--out", str(out), "--groups", "CT,MRI,X-Ray,Dermoscopy",
+                "--max-new-tokens", "2"]) == 0
     main([f"data.root={synthetic_root}", f"out_root={tmp_path}", "run_name=ft", f"stage3.init_from_joint={out}",
           "stage3.phases=[instruct]", "stage3.instruct.max_steps=2", "stage3.val_batches=1", "stage3.test_batches=1",
           "stage3.max_new_tokens=2", "data.batch_size=2", "data.eval_batch_size=2", "trainer.accelerator=cpu",
