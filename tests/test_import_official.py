@@ -361,3 +361,48 @@ def test_reference_sampling_settings(imported):
     assert lm._next_token(logits, [[0]]).tolist() == [2]  # 2.0 / 10 < 0.5: the repeated token loses
     lm.sampling = {"temperature": 1e-4, "repetition_penalty": 1.0}
     assert lm._next_token(logits, [[0]]).tolist() == [0]
+
+
+def test_released_codebook_assigns_codes_like_the_reference(released, tmp_path):
+    """--codebook keeps the stage-2 quantiser; codes assigned with it = the nearest L2-normalised row of the
+    image's group codebook to the L2-normalised to_code(query) (the reference's hard assignment)."""
+    import torch.nn.functional as F
+
+    from medsight.codes import Regions, assign_codes
+    from medsight.interop.official import import_official
+    from medsight.interop.reference_codebook import load_reference_quantizer
+
+    r = released["root"]
+    g = torch.Generator().manual_seed(7)
+    e = 16
+    stage2 = torch.load(r / "0079280.pt", weights_only=False)  # our own test file
+    quant = {f"quantizer.codebooks.{k}.embedding.weight": torch.randn(CODES, e, generator=g) for k in range(GROUPS)}
+    quant.update({f"region_perceiver.to_code.{i}.{p}": torch.randn(*shape, generator=g) * 0.3
+                  for i, shapes in ((0, {"weight": (PDIM, PDIM), "bias": (PDIM,)}),
+                                    (2, {"weight": (PDIM,), "bias": (PDIM,)}), (3, {"weight": (e, PDIM), "bias": (e,)}),
+                                    (5, {"weight": (e,), "bias": (e,)})) for p, shape in shapes.items()})
+    quant.update({"modality_predictor.weight": torch.randn(GROUPS, VW, generator=g), "modality_predictor.bias":
+                  torch.zeros(GROUPS), "quantizer.codebooks.0.ema_usage": torch.ones(CODES)})
+    stage2["model"] = {**stage2["ema"], **quant}
+    del stage2["ema"]
+    torch.save(stage2, tmp_path / "0035673.pt")
+    out = tmp_path / "export"
+    import_official(r / "0079280.pt", r / "medsight_full_instruct", r / "unimed.pt", out,
+                    codebook=tmp_path / "0035673.pt")
+    q = load_reference_quantizer(out)
+    queries = torch.randn(5, PDIM, generator=g)
+    regions = [Regions(image=f"/d/{i}.png", id=str(i), group=i % GROUPS, split="train", pooled=torch.zeros(VW),
+                       queries=queries[i:i + 1], pred_idx=torch.zeros(1, dtype=torch.long), labels=torch.ones(1),
+                       ann_ids=["1"], is_union=torch.zeros(1, dtype=torch.bool)) for i in range(5)]
+    got = assign_codes(q, regions)
+
+    def to_code(x):  # Linear GELU LayerNorm Linear GELU LayerNorm, from the released tensors
+        def w(i, p):
+            return quant[f"region_perceiver.to_code.{i}.{p}"]
+        h = F.layer_norm(F.gelu(x @ w(0, "weight").T + w(0, "bias")), (PDIM,), w(2, "weight"), w(2, "bias"))
+        return F.layer_norm(F.gelu(h @ w(3, "weight").T + w(3, "bias")), (e,), w(5, "weight"), w(5, "bias"))
+
+    for i, reg in enumerate(regions):
+        book = F.normalize(quant[f"quantizer.codebooks.{reg.group}.embedding.weight"], dim=-1)
+        want = int(torch.cdist(F.normalize(to_code(queries[i:i + 1]), dim=-1), book).argmin())
+        assert got[(reg.image, "1")] == (reg.group, want)

@@ -419,7 +419,8 @@ def run_assignment(dm: Any, quantizer: nn.Module, regions: Sequence[Regions],
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="Assign region codes to instruction / DiagSeg data.")
-    ap.add_argument("--export", required=True, help="stage-2 export directory")
+    ap.add_argument("--export", required=True,
+                    help="stage-2 export directory, or an export imported with --codebook (the released codebook)")
     ap.add_argument("--stage1", default=None, help="stage-1 export (default: the one stage 2 was trained from)")
     ap.add_argument("--data", default=None, help="dataset root (default: the stage-2 config's data.root)")
     ap.add_argument("--out", required=True, help="output folder for instruct/, diagseg/ and the report")
@@ -439,7 +440,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     torch.set_flush_denormal(True)
     export = require_export(args.export, "stage2")
-    quantizer, cfg = load_quantizer(export)
+    if "codebook_reference" in read_meta(export).get("components", []):  # imported with the released codebook
+        from medsight.export import read_export_config
+        from medsight.interop.reference_codebook import load_reference_quantizer
+
+        quantizer, cfg, own_stage1 = load_reference_quantizer(export), read_export_config(export), str(export)
+    else:
+        quantizer, cfg = load_quantizer(export)
+        own_stage1 = read_meta(export).get("stage1_export")
     quantizer.eval()
     d = to_dict(cfg)
     if args.data:
@@ -452,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             node = node[p]
         node[leaf] = value
     cfg = from_dict(d)
-    stage1 = args.stage1 or read_meta(export).get("stage1_export")
+    stage1 = args.stage1 or own_stage1
     vision, perceiver = load_stage1(stage1, cfg)
     dm = MedicalDataModule(cfg, "instruct")
     records = read_records(dm)
