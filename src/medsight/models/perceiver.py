@@ -184,8 +184,8 @@ def build_perceiver(cfg: DictConfig, in_dim: int) -> nn.Module:
     if variant == "reference":
         from medsight.models.perceiver_reference import ReferenceRegionPerceiver as cls  # type: ignore[assignment]
     return cls(in_dim=in_dim, dim=p.dim, num_queries=p.num_queries, num_stages=p.num_stages,
-                           heads=p.heads, head_dim=p.head_dim, ff_mult=p.ff_mult, num_classes=p.num_classes,
-                           pixel_ffn=p.pixel_ffn, mask_threshold=p.mask_threshold)
+               heads=p.heads, head_dim=p.head_dim, ff_mult=p.ff_mult, num_classes=p.num_classes,
+               pixel_ffn=p.pixel_ffn, mask_threshold=p.mask_threshold)
 
 
 __all__ = ["CrossAttention", "PERCEIVER_VARIANTS", "RegionPerceiver", "build_perceiver", "sine_position_encoding"]
