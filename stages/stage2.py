@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "num_codes": cfg.codebook.num_codes, "code_dim": cfg.codebook.code_dim,
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
-    report = codes.run_assignment(dm, q, regions, records, out / "coded")
+    report = codes.run_assignment(dm, q, regions, records, out / "coded", names)
     spill.close()  # the on-disk part of the frozen outputs is no longer needed
     metrics = {**model.final_metrics, "global_step": trainer.global_step, "seed": cfg.seed,
                "stopped_by_time_cap": stopped_by_time_cap(trainer),

@@ -159,15 +159,22 @@ def _unsharded(module: JointLLMModule) -> JointLLMModule:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = process_start_time() if argv is None else time.time()
     cfg, out = setup_run("stage3", argv)
-    stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
-    stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
+    joint = cfg.stage3.init_from_joint  # fine-tune a joint export (e.g. `medsight import official`'s)
+    if joint:
+        joint = require_export(Path(joint), "stage3 (or medsight import official)")
+        # code names come from it; code-assigned text from the stage-2 export in init_from, when given
+        stage1, stage2 = joint, require_export(Path(cfg.init_from), "stage2") if cfg.init_from else joint
+    else:
+        stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
+        stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export",
+                                "stage2")
     if not cfg.stage3.phases:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
     FEATURES.max_bytes = int(float(cfg.stage3.feature_cache_mb) * 2**20)  # bounded at real scale
     timings: dict[str, float] = {}
     steps: dict[str, int] = {}
     capped: dict[str, bool] = {}
-    init: Path | None = None
+    init: Path | None = joint or None
     module, rank0 = None, True
     for phase in cfg.stage3.phases:
         tp, pc = time.time(), cfg.stage3[phase]

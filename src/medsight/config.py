@@ -71,6 +71,8 @@ class DataConfig:
     cache: bool = True  # cache decoded images in memory
     cache_max_mb: float = 8192.0  # bound of that cache (least recently used out first); 211k images at 336 px: 71 GB
     augment: bool = False  # flips/intensity jitter for segmentation training
+    preprocess: str = "resize"  # inference input: resize (square, bilinear, as the DataModule) | clip (the
+    #                             reference's: shorter side to image_size bicubic, centre crop; masks mapped back)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -102,6 +104,8 @@ class PerceiverConfig:
     num_classes: int = NUM_CLASSES  # C; the class head has C + 1 outputs ("no object")
     pixel_ffn: bool = False  # feed-forward on every pixel in the pixel->query update (paper: True; tiny: off, 1.4x faster)
     mask_threshold: float = 0.5  # attention-mask threshold on sigmoid(logit)
+    variant: str = "ours"  # ours | reference (the released model's forward: bias-free FFs with LN, uniform
+    #                        attention for fully blocked queries, no input projection; needs pixel_ffn)
 
 
 @dataclass
@@ -178,6 +182,8 @@ class LLMConfig:
     image_dropout: float = 0.0  # dropout on the projected image tokens while training (regularises small data)
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
+    generation_prompt: bool = True  # end the prompt with "<|im_start|>assistant\n"; false: the reference's
+    #                                 format (the model writes it itself; stripped from the answer)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -198,6 +204,11 @@ class Stage3Config:
     ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
     max_new_tokens: int = 48  # greedy decoding budget per answer
+    init_from_joint: Optional[str] = None  # a stage-3 (joint) export to fine-tune, e.g. `medsight import official`'s;
+    #                                        its weights replace the stage-1/2 start, `phases` picks what trains
+    do_sample: bool = False  # greedy by default; true: the reference's sampling (temperature, repetition_penalty)
+    temperature: float = 0.2  # the reference's chatbot value (used only with do_sample)
+    repetition_penalty: float = 1.2  # the reference's chatbot value (used only with do_sample)
     val_batches: Optional[int] = 2  # eval batches per split after each phase (None: the whole val split)
     test_batches: Optional[int] = None  # eval batches per split for the final test metrics (None: all)
     feature_cache_mb: float = 4096.0  # bound of the frozen per-image features kept in memory (LRU out first)
@@ -333,6 +344,8 @@ def _validate(cfg: DictConfig) -> None:
         "data.format": ("synthetic", "biomedparse"),
         "data.on_error": ("raise", "skip"),
         "loss.preset": ("paper", "official_code"),
+        "perceiver.variant": ("ours", "reference"),
+        "data.preprocess": ("resize", "clip"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -13,7 +13,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -61,6 +61,7 @@ def save_export(
         "image_size": cfg.data.image_size,
         "perceiver_dim": cfg.perceiver.dim,
         "num_queries": cfg.perceiver.num_queries,
+        "perceiver_variant": cfg.perceiver.variant,
         "classes": {str(k): v for k, v in CLASSES.items()},
         "modality_groups": list(cfg.data.modality_groups),
     }
@@ -84,15 +85,48 @@ def read_export_config(export_dir: Path | str) -> DictConfig:
 
 
 def load_component(export_dir: Path | str, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of component `name`: `<name>.safetensors`, or the shards listed in
+    `<name>.safetensors.index.json` (big components; see save_component_shards)."""
     path = Path(export_dir) / f"{name}.safetensors"
+    index = Path(export_dir) / f"{name}.safetensors.index.json"
+    if not path.is_file() and index.is_file():
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if not (Path(export_dir) / shard).is_file():
+                raise ExportError(f"export {export_dir}: shard {shard} of component '{name}' is missing")
+            state.update(load_file(str(Path(export_dir) / shard)))
+        return state
     if not path.is_file():
         raise ExportError(f"export {export_dir} has no component '{name}' ({path.name} missing)")
     return load_file(str(path))
 
 
+def save_component_shards(export_dir: Path | str, name: str, shards: Iterable[dict[str, torch.Tensor]],
+                          count: int) -> Path:
+    """Write a big component as `<name>-0000i-of-0000n.safetensors` (n = `count`) + `<name>.safetensors.index.json`,
+    one shard at a time (`shards` may be a generator: one shard in memory); tensors keep their dtype."""
+    export_dir = Path(export_dir)
+    weight_map: dict[str, str] = {}
+    n = count
+    for i, shard in enumerate(shards, 1):
+        fname = f"{name}-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(export_dir / fname))
+        weight_map.update({k: fname for k in shard})
+    index = export_dir / f"{name}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return index
+
+
 def load_into(module: torch.nn.Module, export_dir: Path | str, name: str) -> None:
     """Strictly load component `name` of an export into `module`; errors list every mismatch."""
     state = load_component(export_dir, name)
+    check_fits(module, state, export_dir, name)
+    module.load_state_dict(state, strict=True)
+
+
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], export_dir: Path | str, name: str) -> None:
+    """ExportError listing every missing / unexpected key and shape mismatch of `state` against `module`
+    (which may live on the meta device)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -113,7 +147,6 @@ def load_into(module: torch.nn.Module, export_dir: Path | str, name: str) -> Non
             f"component '{name}' of export {export_dir} does not fit the configured model: " + "; ".join(parts)
             + " (do the stage configs match the config the export was written with?)"
         )
-    module.load_state_dict(state, strict=True)
 
 
 def check_compatible(meta: dict[str, Any], cfg: DictConfig, export_dir: Path | str) -> None:
@@ -160,5 +193,6 @@ def write_metrics(run_dir: Path | str, metrics: dict[str, Any]) -> Path:
 
 __all__ = [
     "ExportError", "save_export", "read_meta", "read_export_config", "load_component", "load_into",
+    "save_component_shards", "check_fits",
     "check_compatible", "require_export", "write_metrics", "to_dict",
 ]

@@ -62,6 +62,9 @@ def setup_run(stage: str, argv: Optional[list[str]] = None) -> tuple[DictConfig,
     torch.set_flush_denormal(True)  # denormal floats from confident mask logits slow CPUs 8x
     overlays, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(stage, overlays, overrides)
+    from medsight.handoff import inherit_for_stage
+
+    inherit_for_stage(cfg, overlays, overrides)  # the architecture comes from the export this stage starts from
     seed_everything(cfg.seed)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,9 @@ class MedSightLM(nn.Module):
         self.patch_pool, self.patch_pool_mode = patch_pool, patch_pool_mode
         self.system_prompt = system_prompt or None
         self.image_dropout = 0.0  # training-time only: set_dropout
+        # False: the reference's prompt (no "<|im_start|>assistant\n"; the model writes it, stripped after)
+        self.generation_prompt = True
+        self.sampling: dict[str, float] | None = None  # {"temperature", "repetition_penalty"}; None: greedy
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []
@@ -211,7 +214,8 @@ class MedSightLM(nn.Module):
         ends = width.cumsum(1)  # (B, T) exclusive end in the expanded sequence
         length = int(ends[:, -1].max()) if t else 0
         starts = ends - width + (length - ends[:, -1:])  # shift right: left padding
-        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids)  # (B, T, h)
+        # the <image> placeholder needs no embedding row (imported vocabularies have none for it)
+        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids.masked_fill(is_img, 0))  # (B, T, h)
         embeds = tok_embeds.new_zeros(b, length, tok_embeds.shape[-1])
         mask = attention_mask.new_zeros(b, length)
         out_labels = input_ids.new_full((b, length), IGNORE)
@@ -301,7 +305,8 @@ class MedSightLM(nn.Module):
     def decode_masks(self, states: torch.Tensor, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Code hidden states (B, M, h) -> t->v -> perceiver decode on each image's features:
         pred_masks (B, M, h', w') logits and pred_logits (B, M, C + 1)."""
-        queries = self.projector_t2v(states)  # (B, M, d)
+        weight = next(self.projector_t2v.parameters())
+        queries = self.projector_t2v(states.to(weight.dtype))  # (B, M, d); a bf16 LLM beside fp32 projectors
         out = self.perceiver(feats.to(queries.dtype), queries=queries)
         return {"pred_masks": out["pred_masks"], "pred_logits": out["pred_logits"]}
 
@@ -353,7 +358,8 @@ class MedSightLM(nn.Module):
         if not torch.is_tensor(mask_loss) or mask_loss.grad_fn is None:
             # keep every trainable projector in the graph (DDP expects each parameter to get a gradient)
             # (through the module's forward, not its parameters: FSDP2 only gathers weights inside forward)
-            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1]).sum()
+            weight = next(self.projector_t2v.parameters())
+            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1].to(weight.dtype)).sum()
         out["mask_loss"] = mask_loss
         out["loss"] = ce + self.mask_loss_weight * mask_loss
         return out
@@ -368,12 +374,13 @@ class MedSightLM(nn.Module):
     def generate(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
                  max_new_tokens: int = 48,
                  image_counts: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """Greedy decoding (deterministic) with a KV cache. Returns the tokenised prompts and the generated
-        ids per sample (up to and including the end-of-turn token). image_counts: as in build_inputs."""
+        """Greedy decoding (deterministic) with a KV cache; with `self.sampling` the reference's sampling
+        (repetition penalty on the generated ids, then temperature). Returns the tokenised prompts and the
+        generated ids per sample (up to and including the end-of-turn token). image_counts: as in build_inputs."""
         from transformers import DynamicCache
 
         lm = self.causal_lm()
-        prompt = self.tokenize(conversations, generation_prompt=True)
+        prompt = self.tokenize(conversations, generation_prompt=self.generation_prompt)
         prompt = {k: v.to(feats.device) for k, v in prompt.items()}
         inputs = self.build_inputs(prompt["input_ids"], prompt["attention_mask"], self.image_embeddings(feats, regions),
                                    image_counts=image_counts)
@@ -386,7 +393,7 @@ class MedSightLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=feats.device)
         generated: list[list[int]] = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            nxt = self._next_token(out.logits[:, -1], generated)  # (B,)
             for i in range(b):
                 if not done[i]:
                     generated[i].append(int(nxt[i]))
@@ -398,6 +405,32 @@ class MedSightLM(nn.Module):
             out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return prompt, generated
 
+    def _next_token(self, logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+        """Greedy argmax, or the reference's sampling: HF-style repetition penalty over the ids generated so
+        far (the prompt is embeddings there), temperature, multinomial draw."""
+        if not self.sampling:
+            return logits.argmax(-1)
+        logits = logits.float().clone()
+        penalty = float(self.sampling.get("repetition_penalty", 1.0))
+        for i, ids in enumerate(generated):
+            if ids and penalty != 1.0:
+                idx = torch.as_tensor(sorted(set(ids)), device=logits.device)
+                row = logits[i, idx]
+                logits[i, idx] = torch.where(row < 0, row * penalty, row / penalty)
+        probs = (logits / max(float(self.sampling.get("temperature", 1.0)), 1e-5)).softmax(-1)
+        return torch.multinomial(probs, 1).squeeze(1)
+
+    def answer_text(self, ids: list[int]) -> str:
+        """The decoded answer without stop tokens; without a generation prompt also without the
+        "<|im_start|>assistant\n" the model writes first."""
+        stop_ids = set(self.stop_ids())
+        text = self.tokenizer.decode([t for t in ids if t not in stop_ids], skip_special_tokens=False)
+        if not self.generation_prompt:
+            for head in ("<|im_start|>assistant\n", "assistant\n"):
+                if text.startswith(head):
+                    return text[len(head):]
+        return text
+
     @torch.no_grad()
     def predict(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
                 max_new_tokens: int = 48, image_counts: torch.Tensor | None = None) -> list[Prediction]:
@@ -406,7 +439,6 @@ class MedSightLM(nn.Module):
         images per sample, see build_inputs) each code is decoded on the image whose `<image>` last precedes
         it and Prediction.image_index says which."""
         prompt, generated = self.generate(feats, regions, conversations, max_new_tokens, image_counts)
-        stop_ids = set(self.stop_ids())
         n_prompt = self.is_code(prompt["input_ids"]).sum(1).tolist()  # codes already in the prompt (history)
         rows = [i for i, g in enumerate(generated) if bool(self.is_code(torch.as_tensor(g, dtype=torch.long,
                                                                                            device=feats.device)).any())]
@@ -437,7 +469,7 @@ class MedSightLM(nn.Module):
                             decoded["pred_masks"][r][j], decoded["pred_logits"][r][j], img_of[r][j].tolist())
         preds = []
         for i, gen in enumerate(generated):
-            text = self.tokenizer.decode([t for t in gen if t not in stop_ids], skip_special_tokens=False)
+            text = self.answer_text(gen)
             if i in found:
                 preds.append(Prediction(text, gen, *found[i]))
             else:
