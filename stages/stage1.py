@@ -30,6 +30,7 @@ from medsight.train import (
     resume_checkpoint,
     run_stage,
     setup_run,
+    stopped_by_time_cap,
 )
 from medsight.viz import mask_grid, matched_predictions
 
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.fit(model, datamodule=dm, ckpt_path=resume_checkpoint(cfg, out))
     if model.val_step != trainer.global_step:  # final metrics of the final weights
         trainer.validate(model, datamodule=dm, verbose=False)
-    metrics = {**model.final_metrics, "global_step": trainer.global_step, "wall_time_s": time.time() - t0}
+    metrics = {**model.final_metrics, "global_step": trainer.global_step, "seed": cfg.seed,
+               "stopped_by_time_cap": stopped_by_time_cap(trainer), "wall_time_s": time.time() - t0}
     save_export(out / "export", cfg, {"vision": model.vision, "perceiver": model.perceiver},
                 extra_meta={"val/dice": metrics.get("val/dice")})
     write_metrics(out, metrics)

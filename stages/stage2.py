@@ -48,6 +48,7 @@ from medsight.train import (
     resume_checkpoint,
     run_stage,
     setup_run,
+    stopped_by_time_cap,
 )
 
 
@@ -247,8 +248,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cont = MaskDice(cfg.data.modality_groups, threshold=0.5)
     device = default_device(cfg)
     model.to(device)
+    from medsight.spill import SpillFile
+
+    spill = SpillFile(out / "spill", float(cfg.codebook.region_store_mb))  # bounded memory at real scale
     regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont.to(device),
-                                   device=device, autocast=default_precision(cfg).startswith("bf16"))
+                                   device=device, autocast=default_precision(cfg).startswith("bf16"), spill=spill)
+    if spill.on_disk:
+        log.info("stage 2: %.0f MB of frozen features/masks kept on disk in %s (codebook.region_store_mb=%g)",
+                 spill.on_disk / 2**20, out / "spill", cfg.codebook.region_store_mb)
     model.set_regions(regions, float(cont.compute()["dice"]))
     log.info("frozen outputs of %d images computed once in %.0f s (train %d, val %d)", len(regions),
              time.time() - t0, len(model.train_regions), len(model.val_regions))
@@ -264,14 +271,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # coded/ (what stage 3 trains on) first, staged and swapped in with its manifest; the export then records
     # that manifest's digest, so stage 3 reads the coded files of exactly this export
     with staged_dir(out / "coded") as coded:
-        report = codes.run_assignment(dm, q, regions, records, coded.path)
+        report = codes.run_assignment(dm, q, regions, records, coded.path, names)
     save_export(out / "export", cfg, {"codebook": q, "code_embeddings": emb},
                 extra_meta={"code_tokens": names, "num_groups": cfg.codebook.num_groups,
                             "num_codes": cfg.codebook.num_codes, "code_dim": cfg.codebook.code_dim,
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
                             "coded_manifest_sha256": manifest_digest(out / "coded"),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
-    metrics = {**model.final_metrics, "global_step": trainer.global_step,
+    spill.close()  # the on-disk part of the frozen outputs is no longer needed
+    metrics = {**model.final_metrics, "global_step": trainer.global_step, "seed": cfg.seed,
+               "stopped_by_time_cap": stopped_by_time_cap(trainer),
                "code_consistency_mean_top3_share": report["mean_top_share"], "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 2 done in %.0f s: val/dice_quantized %.4f vs continuous %.4f; export %s", metrics["wall_time_s"],

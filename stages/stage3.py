@@ -24,7 +24,7 @@ import torch
 
 from medsight.config import from_dict, run_dir, to_dict
 from medsight.export import ExportError, load_component, read_meta, require_export, write_metrics
-from medsight.joint_data import CodedText, FeatureCache, phase_loader
+from medsight.joint_data import CodedText, FeatureCache, phase_loader, select_rows
 from medsight.joint_eval import evaluate
 from medsight.manifest import manifest_digest, staged_dir
 from medsight.model import build_joint, load_joint, save_joint
@@ -39,6 +39,7 @@ from medsight.train import (
     resume_checkpoint,
     run_stage,
     setup_run,
+    stopped_by_time_cap,
 )
 
 FEATURES = FeatureCache()  # frozen outputs per image, shared by every phase of this process
@@ -86,12 +87,13 @@ class JointLLMModule(L.LightningModule):
         convs, keep = self.coded.conversations(batch)
         if not all(keep):
             idx = [i for i, k in enumerate(keep) if k]
-            batch = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items()}
+            batch = select_rows(batch, idx)
             convs = [convs[i] for i in idx]
-        feats, regions = FEATURES(self.model, batch["image"])
+        counts = batch.get("image_counts")  # several images per sample: feats/regions of batch["images"]
+        feats, regions = FEATURES(self.model, batch["images"] if counts is not None else batch["image"])
         tok = {k: v.to(self.device) for k, v in self.model.tokenize(convs).items()}
         out = self.model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions,
-                         batch.get("masks"), batch.get("mask_valid"))
+                         batch.get("masks"), batch.get("mask_valid"), image_counts=counts)
         bs = len(convs)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({"train/ce": out["ce"], "train/mask_loss": out["mask_loss"], "train/token_acc": out["token_acc"]},
@@ -157,16 +159,26 @@ def _unsharded(module: JointLLMModule) -> JointLLMModule:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = process_start_time() if argv is None else time.time()
     cfg, out = setup_run("stage3", argv)
-    stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
-    stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export", "stage2")
+    joint = cfg.stage3.init_from_joint  # fine-tune a joint export (e.g. `medsight import official`'s)
+    if joint:
+        joint = require_export(Path(joint), "stage3 (or medsight import official)")
+        # code names come from it; code-assigned text from the stage-2 export in init_from, when given
+        stage1, stage2 = joint, require_export(Path(cfg.init_from), "stage2") if cfg.init_from else joint
+    else:
+        stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
+        stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export",
+                                "stage2")
     coded_digest = read_meta(stage2).get("coded_manifest_sha256")
     if coded_digest and manifest_digest(stage2.parent / "coded") != coded_digest:
         raise ExportError(f"{stage2.parent / 'coded'}: its manifest is not the one export {stage2} was written "
                           "with (coded data from another stage-2 run); run make stage2 again")
     if not cfg.stage3.phases:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
+    FEATURES.max_bytes = int(float(cfg.stage3.feature_cache_mb) * 2**20)  # bounded at real scale
     timings: dict[str, float] = {}
-    init: Path | None = None
+    steps: dict[str, int] = {}
+    capped: dict[str, bool] = {}
+    init: Path | None = joint or None
     module, rank0 = None, True
     for phase in cfg.stage3.phases:
         tp, pc = time.time(), cfg.stage3[phase]
@@ -184,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.fit(module, train_dataloaders=phase_loader(cfg, phase),
                     ckpt_path=resume_checkpoint(cfg, out, f"{phase}/"))
         init, rank0 = out / phase / "export", trainer.is_global_zero
+        steps[phase], capped[phase] = trainer.global_step, stopped_by_time_cap(trainer)
         if module.coded.missing:
             log.warning("phase %s: %d grounded records had no code-assigned text in %s and were skipped", phase,
                         module.coded.missing, stage2.parent / "coded")
@@ -214,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tt = time.time()
     test = evaluate(model, FEATURES, cfg, "test", coded, max_batches=cfg.stage3.test_batches)
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
-               **{f"time/{p}_s": t for p, t in timings.items()}, "wall_time_s": time.time() - t0}
+               **{f"time/{p}_s": t for p, t in timings.items()}, "steps": steps, "stopped_by_time_cap": capped,
+               "seed": cfg.seed, "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
     log.info("stage 3 done in %.0f s: %s; export %s", metrics["wall_time_s"],
              ", ".join(f"{k} {v:.3f}" for k, v in test.items()), final)

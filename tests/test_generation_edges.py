@@ -43,8 +43,8 @@ def _answer(tiny, tmp_path, monkeypatch, pieces: list[str], stop: bool) -> dict:
     ids += m.stop_ids()[:1] if stop else []
     real = MedSightLM.generate
 
-    def fixed(self, feats, regions, conversations, max_new_tokens=48):
-        prompt, _ = real(self, feats, regions, conversations, 1)
+    def fixed(self, feats, regions, conversations, max_new_tokens=48, *args, **kwargs):
+        prompt, _ = real(self, feats, regions, conversations, 1, *args, **kwargs)
         return prompt, [list(ids[:max_new_tokens])]
 
     monkeypatch.setattr(MedSightLM, "generate", fixed)

@@ -68,6 +68,7 @@ def test_normalize_official(text, expected):
 
 @pytest.mark.parametrize("text, expected", [
     ("Hello [C3_17] world <mask>.", "hello world"),
+    ("Hello [M3_17] world [M0_0].", "hello world"),  # the released code-token names
     ("<|im_end|>Yes", "yes"),
     ("mass- like tumor-free", "mass like tumor free"),
     ("1,000 cells; 3.5 cm.", "1000 cells 3.5 cm"),

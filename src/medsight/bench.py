@@ -54,6 +54,60 @@ def bench_data(cfg, repeats: int) -> dict:
     return {"images": n, "cache_build_s": cache_s, "epoch_s": sec, "images_per_s": n / sec}
 
 
+def _paper_like_folder(root: Path, n_images: int, size: int = 1024, masks_per_image: int = 3) -> Path:
+    """A BiomedParse-layout folder of `n_images` size x size RGB PNGs (textured, like scans) with their
+    binary mask PNGs; returns its meta file."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ds = root / "Bench" / "CT"
+    for sub in ("train", "train_mask"):
+        (ds / sub).mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    images, anns = [], []
+    for i in range(n_images):
+        base = (np.sin(xx / (17 + i)) + np.cos(yy / (23 + i))) * 60 + 120
+        img = np.clip(base[..., None] + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+        name = f"bench_{i:04d}_{i}_CT_abdomen.png"
+        Image.fromarray(img).save(ds / "train" / name)
+        images.append({"file_name": name, "height": size, "width": size, "id": i})
+        for k in range(masks_per_image):
+            cy, cx, r = rng.integers(200, size - 200, 2).tolist() + [int(rng.integers(40, 160))]
+            m = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r).astype(np.uint8) * 255
+            mname = f"bench_{i:04d}_{i}_CT_abdomen_organ{k}.png"
+            Image.fromarray(m).save(ds / "train_mask" / mname)
+            anns.append({"mask_file": mname, "image_id": i, "category_id": 1 + k, "id": len(anns)})
+    (ds / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": []}))
+    meta = root / "meta.json"
+    meta.write_text(json.dumps({"roots": ["Bench/CT/train"], "mask_roots": ["Bench/CT/train_mask"],
+                                "json_paths": ["Bench/CT/train.json"], "modality_labels": [0]}))
+    return meta
+
+
+def bench_paper_preprocessing(repeats: int, n_images: int = 8, image_size: int = 336) -> dict:
+    """One DataLoader worker's throughput on paper-scale inputs: 1024 px PNG + 3 mask PNGs -> decode, resize
+    to 336 px, normalise (data.cache off: every epoch decodes again, as at 211k images)."""
+    import tempfile
+
+    from medsight.data.datamodule import MedicalDataModule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = _paper_like_folder(Path(tmp), n_images)
+        cfg = load_config("stage1", [], ["data.format=biomedparse", f"data.root={tmp}", f"data.meta={meta}",
+                                         f"data.image_size={image_size}", "data.cache=false", "data.val_fraction=0.0",
+                                         "data.num_workers=0", "data.modality_groups=[CT,MRI,X-Ray,Dermoscopy]"])
+        ds = MedicalDataModule(cfg, task="segmentation").dataset("train")
+
+        def epoch() -> None:
+            for i in range(len(ds)):
+                ds[i]
+
+        sec = _median_time(epoch, repeats)
+    return {"images": n_images, "source_px": 1024, "masks_per_image": 3, "image_size": image_size,
+            "images_per_s_per_worker": n_images / sec}
+
+
 def bench_stage1_step(cfg, repeats: int, batch: int) -> dict:
     """Forward + backward + AdamW step of encoder + perceiver + set loss on one batch."""
     from medsight.models import stage1_components
@@ -143,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["pixel_ffn_off_over_on_speed"] = (
         (alt if cfg.perceiver.pixel_ffn else results["stage1_step"])["train_images_per_s"]
         / (results["stage1_step"] if cfg.perceiver.pixel_ffn else alt)["train_images_per_s"])
+    paper = bench_paper_preprocessing(args.repeats)
+    paper["stage1_step_train_images_per_s"] = results["stage1_step"]["train_images_per_s"]
+    paper["workers_to_keep_up"] = paper["stage1_step_train_images_per_s"] / paper["images_per_s_per_worker"]
+    results["data_paper_preprocessing"] = paper
     results["denormal"] = bench_denormal(args.repeats)
     results["peak_rss_mb"] = _peak_rss_mb()
     out = Path(args.out)

@@ -83,7 +83,7 @@ def _union_cost(pred_logits: Tensor, pred_masks: Tensor, label: int, target: Ten
 @torch.no_grad()
 def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dict], weights: Mapping[str, float],
                    keep_splits: Sequence[str] = ("train", "val"), metric: Any = None, device: Any = "cpu",
-                   autocast: bool = False) -> list[Regions]:
+                   autocast: bool = False, spill: Any = None) -> list[Regions]:
     """Run the frozen encoder + perceiver once over `loader` (segmentation batches plus keys `image_path`,
     `split`, `is_union`), Hungarian-match each image's single GT masks to the N queries (unions: best query),
     and keep the matched queries. `metric` (MaskDice), when given, is updated with the continuous masks of the
@@ -128,7 +128,8 @@ def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dic
                 pred_idx=pred_idx, labels=labels[b, :n].cpu(), ann_ids=list(batch["ann_ids"][b][:n]),
                 is_union=union[b, :n].cpu(),
                 all_queries=pred["queries"][b].float().cpu() if keep else None,
-                feats=feats[b].cpu() if keep else None, masks=(masks[b, :n] > 0.5).cpu() if keep else None))
+                feats=_kept(feats[b].cpu(), spill) if keep else None,
+                masks=_kept((masks[b, :n] > 0.5).cpu(), spill) if keep else None))
     return out
 
 
@@ -167,13 +168,21 @@ class BucketBatches(EpochBatches, torch.utils.data.Sampler):
         return sum(-(-len(v) // self.batch_size) for v in self.by_m.values())
 
 
+def _kept(t: torch.Tensor, spill: Any) -> Any:
+    """`t`, or its on-disk handle once `spill` (medsight.spill.SpillFile) is over its memory budget."""
+    return t if spill is None else spill.keep(t)
+
+
 def collate_regions(regions: list[Regions]) -> dict[str, torch.Tensor]:
     """Single GT masks of same-M images: feats (B,H',W',D), pooled (B,D), queries (B,M,d), masks (B,M,S,S),
-    labels (B,M), group (B,)."""
+    labels (B,M), group (B,). Spilled feats/masks are read back from disk here."""
+    from medsight.spill import materialize
+
     keep = [~r.is_union for r in regions]
-    return {"feats": torch.stack([r.feats for r in regions]), "pooled": torch.stack([r.pooled for r in regions]),
+    return {"feats": torch.stack([materialize(r.feats) for r in regions]),
+            "pooled": torch.stack([r.pooled for r in regions]),
             "queries": torch.stack([r.queries[k] for r, k in zip(regions, keep)]),
-            "masks": torch.stack([r.masks[k] for r, k in zip(regions, keep)]).float(),
+            "masks": torch.stack([materialize(r.masks)[k] for r, k in zip(regions, keep)]).float(),
             "labels": torch.stack([r.labels[k] for r, k in zip(regions, keep)]),
             "group": torch.tensor([r.group for r in regions])}
 
@@ -193,6 +202,13 @@ def read_records(dm: Any, kinds: Sequence[str] = KINDS) -> dict[tuple[str, str],
     out = {}
     for kind in kinds:
         reader = {"instruct": read_conversations, "diagseg": read_diagseg}[kind]
+        fmt = dict(dm.cfg.data.get("formats") or {}).get(kind)
+        if fmt:  # a distributed layout (data.formats): its grounded records, with <mask> where codes go
+            for split in SPLITS:
+                recs = [r for r in dm._read_format(fmt, kind, dm.path_of(kind), split) if r.masks]
+                if recs:
+                    out[(kind, split)] = recs
+            continue
         for split in SPLITS:
             f = dm.path_of(kind) / f"{split}.json"
             if not f.is_file():
@@ -290,11 +306,20 @@ def _replace_masks(text: str, tokens: list[str], pos: int) -> tuple[str, int]:
     return out, pos
 
 
-def code_record(kind: str, row: dict, rec: Sample, assignment: Mapping[tuple[str, str], tuple[int, int]]) -> dict:
+def code_namer(names: Sequence[str] | None, num_codes: int):
+    """(group, code) -> token name: from the export's `code_tokens` (modality-major; an imported export keeps
+    the released `[M{g}_{k}]`), else the `[C{g}_{k}]` pattern."""
+    if not names:
+        return code_token
+    return lambda g, k: names[g * num_codes + k]
+
+
+def code_record(kind: str, row: dict, rec: Sample, assignment: Mapping[tuple[str, str], tuple[int, int]],
+                name=code_token) -> dict:
     """A copy of one raw record with every `<mask>` replaced by its code token (in mask order) and a `codes`
-    list added."""
+    list added. `name(group, code)` gives the token (see code_namer)."""
     image = os.path.normpath(rec.image)
-    tokens = [code_token(*assignment[(image, a)]) for a in rec.ann_ids]
+    tokens = [name(*assignment[(image, a)]) for a in rec.ann_ids]
     row = copy.deepcopy(row)
     pos = 0
     if kind == "instruct":
@@ -309,17 +334,22 @@ def code_record(kind: str, row: dict, rec: Sample, assignment: Mapping[tuple[str
 
 
 def write_coded(dm: Any, records: Mapping[tuple[str, str], list[Sample]],
-                assignment: Mapping[tuple[str, str], tuple[int, int]], out_dir: Path | str) -> dict[str, int]:
+                assignment: Mapping[tuple[str, str], tuple[int, int]], out_dir: Path | str,
+                name=code_token) -> dict[str, int]:
     """Write `<out_dir>/{instruct,diagseg}/{split}.json`, the records with codes (raw fields kept). Records the
     reader dropped (data.on_error=skip) are left out. Returns {"<kind>/<split>": records written}."""
     out_dir = Path(out_dir)
     counts = {}
     for (kind, split), recs in records.items():
-        src = dm.path_of(kind) / f"{split}.json"
-        raw = json.loads(src.read_text())
         key = "id" if kind == "instruct" else "qa_id"
+        if dict(dm.cfg.data.get("formats") or {}).get(kind):  # distributed layout: rows rebuilt from the records
+            raw = [{key: r.extra.get("qid", r.id), "conversations": r.conversations, "mask_orders": r.ann_ids}
+                   if kind == "instruct" else dict(r.extra.get("row", {}), answer=r.answer) for r in recs]
+        else:
+            raw = json.loads((dm.path_of(kind) / f"{split}.json").read_text())
         by_id = {r.id: r for r in recs}
-        rows = [code_record(kind, row, by_id[str(row[key])], assignment) for row in raw if str(row.get(key)) in by_id]
+        rows = [code_record(kind, row, by_id[str(row[key])], assignment, name) for row in raw
+                if str(row.get(key)) in by_id]
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
         (out_dir / kind / f"{split}.json").write_text(json.dumps(rows, indent=0))
         counts[f"{kind}/{split}"] = len(rows)
@@ -328,7 +358,7 @@ def write_coded(dm: Any, records: Mapping[tuple[str, str], list[Sample]],
 
 # ------------------------------------------------------------------------------------- consistency
 def consistency_report(regions: Sequence[Regions], assignment: Mapping[tuple[str, str], tuple[int, int]],
-                       group_names: Sequence[str], top: int = 3) -> dict[str, Any]:
+                       group_names: Sequence[str], top: int = 3, name=code_token) -> dict[str, Any]:
     """Per modality group and class ("CT/liver"; single GT masks with a known class, each counted once): how
     many masks, how many distinct codes, and the top-`top` codes with their share (the paper: the codes of
     liver and kidney in abdominal CT concentrate on a few)."""
@@ -339,7 +369,7 @@ def consistency_report(regions: Sequence[Regions], assignment: Mapping[tuple[str
             if bool(r.is_union[i]) or label <= 0 or (r.image, a) not in assignment:
                 continue
             g, c = assignment[(r.image, a)]
-            per_class[(g, label)][code_token(g, c)] += 1
+            per_class[(g, label)][name(g, c)] += 1
     classes = {}
     for g, label in sorted(per_class):
         cnt = per_class[(g, label)]
@@ -396,12 +426,15 @@ def plot_consistency(report: Mapping[str, Any], path: Path | str) -> Path:
 
 
 def run_assignment(dm: Any, quantizer: nn.Module, regions: Sequence[Regions],
-                   records: Mapping[tuple[str, str], list[Sample]], out_dir: Path | str) -> dict[str, Any]:
-    """Assign codes, write the coded files and the consistency report (JSON + PNG) into `out_dir`."""
+                   records: Mapping[tuple[str, str], list[Sample]], out_dir: Path | str,
+                   code_tokens: Sequence[str] | None = None) -> dict[str, Any]:
+    """Assign codes, write the coded files and the consistency report (JSON + PNG) into `out_dir`; token
+    names from `code_tokens` (the export's, modality-major) when given."""
     out_dir = Path(out_dir)
     assignment = assign_codes(quantizer, regions)
-    counts = write_coded(dm, records, assignment, out_dir)
-    report = consistency_report(regions, assignment, list(dm.groups))
+    name = code_namer(code_tokens, int(dm.cfg.codebook.num_codes)) if code_tokens else code_token
+    counts = write_coded(dm, records, assignment, out_dir, name)
+    report = consistency_report(regions, assignment, list(dm.groups), name=name)
     report["files"] = counts
     (out_dir / "code_consistency.json").write_text(json.dumps(report, indent=2))
     plot_consistency(report, out_dir / "code_consistency.png")
@@ -411,7 +444,8 @@ def run_assignment(dm: Any, quantizer: nn.Module, regions: Sequence[Regions],
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="Assign region codes to instruction / DiagSeg data.")
-    ap.add_argument("--export", required=True, help="stage-2 export directory")
+    ap.add_argument("--export", required=True,
+                    help="stage-2 export directory, or an export imported with --codebook (the released codebook)")
     ap.add_argument("--stage1", default=None, help="stage-1 export (default: the one stage 2 was trained from)")
     ap.add_argument("--data", default=None, help="dataset root (default: the stage-2 config's data.root)")
     ap.add_argument("--out", required=True, help="output folder for instruct/, diagseg/ and the report")
@@ -431,7 +465,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     torch.set_flush_denormal(True)
     export = require_export(args.export, "stage2")
-    quantizer, cfg = load_quantizer(export)
+    if "codebook_reference" in read_meta(export).get("components", []):  # imported with the released codebook
+        from medsight.export import read_export_config
+        from medsight.interop.reference_codebook import load_reference_quantizer
+
+        quantizer, cfg, own_stage1 = load_reference_quantizer(export), read_export_config(export), str(export)
+    else:
+        quantizer, cfg = load_quantizer(export)
+        own_stage1 = read_meta(export).get("stage1_export")
     quantizer.eval()
     d = to_dict(cfg)
     if args.data:
@@ -444,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             node = node[p]
         node[leaf] = value
     cfg = from_dict(d)
-    stage1 = args.stage1 or read_meta(export).get("stage1_export")
+    stage1 = args.stage1 or own_stage1
     vision, perceiver = load_stage1(stage1, cfg)
     dm = MedicalDataModule(cfg, "instruct")
     records = read_records(dm)
@@ -453,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = default_device(cfg) if args.device == "auto" else args.device
     vision, perceiver, quantizer = vision.to(device), perceiver.to(device), quantizer.to(device)
     regions = encode_regions(vision, perceiver, loader, loss_weights(cfg.loss), keep_splits=(), device=device)
-    report = run_assignment(dm, quantizer, regions, records, args.out)
+    report = run_assignment(dm, quantizer, regions, records, args.out, read_meta(export).get("code_tokens"))
     log.info("codes: wrote %s into %s; mean top-%d share %.3f", report["files"], args.out, report["top_k"],
              report["mean_top_share"])
     return report
@@ -462,6 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 __all__ = [
     "Regions",
     "assign_codes",
+    "code_namer",
     "code_record",
     "consistency_report",
     "encode_regions",

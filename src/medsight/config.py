@@ -54,6 +54,10 @@ class DataConfig:
     vqa: Optional[str] = None  # folder with {train,val,test}.json LLaVA-Med VQA; default <root>/vqa
     diagseg: Optional[str] = None  # folder with {train,val,test}.json DiagSeg; default <root>/diagseg
     omnimedvqa: Optional[str] = None  # folder with <modality>.json OmniMedVQA (test only); default <root>/omnimedvqa
+    # record set -> distributed layout (medsight.data.formats.FORMATS), e.g. {vqa: slake, instruct: pubmedvision};
+    # the set's path (data.vqa, ...) is then that layout's PATH. Unlisted sets are read as today.
+    formats: dict[str, str] = field(default_factory=dict)
+    path_map: dict[str, str] = field(default_factory=dict)  # authors' absolute prefix -> local prefix
     image_size: int = 128  # model input side (336 at paper scale)
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -66,7 +70,10 @@ class DataConfig:
     max_pixels: int = 268435456  # largest image/volume (pixels/voxels, from its header) read; larger: DataError
     modality_groups: list[str] = field(default_factory=lambda: list(SYNTHETIC_MODALITY_GROUPS))
     cache: bool = True  # cache decoded images in memory
+    cache_max_mb: float = 8192.0  # bound of that cache (least recently used out first); 211k images at 336 px: 71 GB
     augment: bool = False  # flips/intensity jitter for segmentation training
+    preprocess: str = "resize"  # inference input: resize (square, bilinear, as the DataModule) | clip (the
+    #                             reference's: shorter side to image_size bicubic, centre crop; masks mapped back)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -98,6 +105,8 @@ class PerceiverConfig:
     num_classes: int = NUM_CLASSES  # C; the class head has C + 1 outputs ("no object")
     pixel_ffn: bool = False  # feed-forward on every pixel in the pixel->query update (paper: True; tiny: off, 1.4x faster)
     mask_threshold: float = 0.5  # attention-mask threshold on sigmoid(logit)
+    variant: str = "ours"  # ours | reference (the released model's forward: bias-free FFs with LN, uniform
+    #                        attention for fully blocked queries, no input projection; needs pixel_ffn)
 
 
 @dataclass
@@ -132,6 +141,7 @@ class CodebookConfig:
     standardize: bool = True  # standardise region queries per channel (training-set statistics) before W_q
     init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the training queries' initial z
     query_batch: int = 1024  # cached matched queries per step for the cheap losses (recon, codebook, modality)
+    region_store_mb: float = 8192.0  # stage 2's per-image feats + masks in memory; beyond it on disk (spill/)
     mask_every: int = 2  # decode masks for the mask loss every this many steps (the one expensive part of a step)
     warmup_steps: int = 100  # first steps: only W_m and the modality head learn, on the initial codes, no decode
     quantize_all: bool = False  # cheap losses on all N final queries of each image, not only the GT-matched ones
@@ -173,6 +183,8 @@ class LLMConfig:
     image_dropout: float = 0.0  # dropout on the projected image tokens while training (regularises small data)
     gradient_checkpointing: bool = False
     mask_loss_weight: float = 1.0
+    generation_prompt: bool = True  # end the prompt with "<|im_start|>assistant\n"; false: the reference's
+    #                                 format (the model writes it itself; stripped from the answer)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -193,8 +205,14 @@ class Stage3Config:
     ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
     max_new_tokens: int = 48  # greedy decoding budget per answer
+    init_from_joint: Optional[str] = None  # a stage-3 (joint) export to fine-tune, e.g. `medsight import official`'s;
+    #                                        its weights replace the stage-1/2 start, `phases` picks what trains
+    do_sample: bool = False  # greedy by default; true: the reference's sampling (temperature, repetition_penalty)
+    temperature: float = 0.2  # the reference's chatbot value (used only with do_sample)
+    repetition_penalty: float = 1.2  # the reference's chatbot value (used only with do_sample)
     val_batches: Optional[int] = 2  # eval batches per split after each phase (None: the whole val split)
     test_batches: Optional[int] = None  # eval batches per split for the final test metrics (None: all)
+    feature_cache_mb: float = 4096.0  # bound of the frozen per-image features kept in memory (LRU out first)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -261,9 +279,13 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+#: Config keys whose values are free-form {str: str} maps (their keys are data, not schema).
+FREE_FORM_KEYS = ("data.formats.", "data.path_map.")
+
+
 def _check_keys(schema: DictConfig, update: Any, source: str, prefix: str = "") -> None:
     """Reject keys of `update` that the schema lacks, naming the closest valid ones."""
-    if not isinstance(update, (DictConfig, dict)):
+    if not isinstance(update, (DictConfig, dict)) or prefix in FREE_FORM_KEYS:
         return
     for k in update.keys():
         full = f"{prefix}{k}"
@@ -325,6 +347,8 @@ def _validate(cfg: DictConfig) -> None:
         "data.format": ("synthetic", "biomedparse"),
         "data.on_error": ("raise", "skip"),
         "loss.preset": ("paper", "official_code"),
+        "perceiver.variant": ("ours", "reference"),
+        "data.preprocess": ("resize", "clip"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -75,6 +75,23 @@ def metrics_table(run_root: Path) -> str:
     return "| step | metric | value |\n|---|---|---|\n" + "\n".join(rows)
 
 
+def training_summary(run_root: Path) -> str:
+    """One line per stage: its seed, the optimizer steps it trained (per phase for stage 3) and whether a time
+    cap cut it short (the default budgets are steps only, so two machines train the same steps)."""
+    lines = []
+    for stage in ("stage1", "stage2", "stage3"):
+        d = _load(run_root / stage / "metrics.json")
+        if not d:
+            continue
+        steps = d.get("steps") or {"": d.get("global_step")}
+        capped = d.get("stopped_by_time_cap")
+        capped = capped if isinstance(capped, dict) else {"": capped}
+        parts = [f"{p + ' ' if p else ''}{n} steps{' (cut by its time cap)' if capped.get(p) else ''}"
+                 for p, n in steps.items()]
+        lines.append(f"{stage}: seed {d.get('seed', '?')}, {', '.join(parts)}, {d.get('wall_time_s', 0):.0f} s")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m medsight.demo", description=__doc__)
     ap.add_argument("--run", default="default", help="run name (checkpoints/<run>/)")
@@ -106,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + "=" * 78)
     print(f"medsight demo finished in {time.time() - t0:.0f} s "
           f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})\n")
+    print(training_summary(run_root) + "\n")
     print(metrics_table(run_root))
     print(f"\nexample question: {question}\nanswer: {answer.get('text', '?')}")
     print(f"overlay picture:   {out / 'overlay.png'}")

@@ -13,20 +13,22 @@ unexpected key, or a shape mismatch, is an error that names it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from medsight.atomic import write_text
 from medsight.config import REPO_ROOT, from_dict, save_config, to_dict
-from medsight.manifest import recover, staged_dir, verify_file
+from medsight.manifest import StagedDir, recover, staged_dir, verify_file
 from medsight.vocab import CLASSES
 
 
@@ -49,12 +51,15 @@ def save_export(
     components: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
     extra_meta: Optional[dict[str, Any]] = None,
     extra_files: Optional[Callable[[Path], None]] = None,
+    in_place: bool = False,
 ) -> Path:
     """Write each component's state dict to `<name>.safetensors` (hashed while streamed to disk), config.yaml,
     meta.json, whatever `extra_files(folder)` writes into the folder, and the manifest; then swap the folder
-    into place (medsight.manifest.staged_dir)."""
+    into place (medsight.manifest.staged_dir). `in_place=True` (a writer that adds its own files to a new
+    folder, e.g. the official import): write straight into `export_dir`, no manifest; the caller finishes
+    with `medsight.manifest.write_manifest(export_dir)` once every file is there."""
     export_dir = Path(export_dir)
-    with staged_dir(export_dir) as out:
+    with (_in_place(export_dir) if in_place else staged_dir(export_dir)) as out:
         for name, comp in components.items():
             state = comp.state_dict() if isinstance(comp, torch.nn.Module) else comp
             out.write_safetensors(f"{name}.safetensors", {k: v.detach() for k, v in state.items()})
@@ -63,6 +68,12 @@ def save_export(
             extra_files(out.path)
         out.write_text("meta.json", json.dumps(_meta(cfg, components, extra_meta), indent=2))
     return export_dir
+
+
+@contextlib.contextmanager
+def _in_place(export_dir: Path) -> Iterator[StagedDir]:
+    export_dir.mkdir(parents=True, exist_ok=True)
+    yield StagedDir(export_dir)
 
 
 def _meta(cfg: DictConfig, components: dict[str, Any], extra_meta: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -76,6 +87,7 @@ def _meta(cfg: DictConfig, components: dict[str, Any], extra_meta: Optional[dict
         "image_size": cfg.data.image_size,
         "perceiver_dim": cfg.perceiver.dim,
         "num_queries": cfg.perceiver.num_queries,
+        "perceiver_variant": cfg.perceiver.variant,
         "classes": {str(k): v for k, v in CLASSES.items()},
         "modality_groups": list(cfg.data.modality_groups),
     }
@@ -104,8 +116,20 @@ def read_export_config(export_dir: Path | str) -> DictConfig:
 
 
 def load_component(export_dir: Path | str, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of component `name`, after checking its file against the export's manifest."""
+    """The tensors of component `name`: `<name>.safetensors`, or the shards listed in
+    `<name>.safetensors.index.json` (big components; see save_component_shards); every file is checked
+    against the export's manifest first."""
     path = Path(export_dir) / f"{name}.safetensors"
+    index = Path(export_dir) / f"{name}.safetensors.index.json"
+    if not path.is_file() and index.is_file():
+        verify_file(export_dir, index.name)
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if not (Path(export_dir) / shard).is_file():
+                raise ExportError(f"export {export_dir}: shard {shard} of component '{name}' is missing")
+            verify_file(export_dir, shard)
+            state.update(load_file(str(Path(export_dir) / shard)))
+        return state
     if not path.is_file():
         raise ExportError(f"export {export_dir} has no component '{name}' ({path.name} missing)")
     verify_file(export_dir, path.name)
@@ -115,9 +139,32 @@ def load_component(export_dir: Path | str, name: str) -> dict[str, torch.Tensor]
         raise ExportError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())[:160]})") from None
 
 
+def save_component_shards(export_dir: Path | str, name: str, shards: Iterable[dict[str, torch.Tensor]],
+                          count: int) -> Path:
+    """Write a big component as `<name>-0000i-of-0000n.safetensors` (n = `count`) + `<name>.safetensors.index.json`,
+    one shard at a time (`shards` may be a generator: one shard in memory); tensors keep their dtype."""
+    export_dir = Path(export_dir)
+    weight_map: dict[str, str] = {}
+    n = count
+    for i, shard in enumerate(shards, 1):
+        fname = f"{name}-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(export_dir / fname))
+        weight_map.update({k: fname for k in shard})
+    index = export_dir / f"{name}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return index
+
+
 def load_into(module: torch.nn.Module, export_dir: Path | str, name: str) -> None:
     """Strictly load component `name` of an export into `module`; errors list every mismatch."""
     state = load_component(export_dir, name)
+    check_fits(module, state, export_dir, name)
+    module.load_state_dict(state, strict=True)
+
+
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], export_dir: Path | str, name: str) -> None:
+    """ExportError listing every missing / unexpected key and shape mismatch of `state` against `module`
+    (which may live on the meta device)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -138,7 +185,6 @@ def load_into(module: torch.nn.Module, export_dir: Path | str, name: str) -> Non
             f"component '{name}' of export {export_dir} does not fit the configured model: " + "; ".join(parts)
             + " (do the stage configs match the config the export was written with?)"
         )
-    module.load_state_dict(state, strict=True)
 
 
 def check_compatible(meta: dict[str, Any], cfg: DictConfig, export_dir: Path | str) -> None:
@@ -186,5 +232,6 @@ def write_metrics(run_dir: Path | str, metrics: dict[str, Any]) -> Path:
 
 __all__ = [
     "ExportError", "save_export", "read_meta", "read_export_config", "load_component", "load_into",
+    "save_component_shards", "check_fits",
     "check_compatible", "require_export", "write_metrics", "to_dict",
 ]

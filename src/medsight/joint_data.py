@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -15,22 +16,55 @@ from medsight.resume import EpochBatches, ResumableLoader
 
 
 class FeatureCache:
-    """Frozen stage-1 outputs per image (keyed by the image tensor's bytes): (patch feats, region tokens)."""
+    """Frozen stage-1 outputs per image (keyed by the image tensor's bytes): (patch feats, region tokens).
 
-    def __init__(self) -> None:
-        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    Bounded: at most `max_mb` megabytes are kept (least recently used out first; `stage3.feature_cache_mb`),
+    so a corpus of 211k images recomputes what does not fit instead of filling the memory."""
+
+    def __init__(self, max_mb: float = 4096.0) -> None:
+        self.store: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
 
     def __call__(self, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest() for img in images]
         todo = [i for i, k in enumerate(keys) if k not in self.store]
+        got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {k: self.store[k] for k in keys if k in self.store}
+        for k in got:
+            self.store.move_to_end(k)
         if todo:
             feats, regions = model.encode_images(images[todo])
             for j, i in enumerate(todo):
-                self.store[keys[i]] = (feats[j], regions[j])
-        return (torch.stack([self.store[k][0] for k in keys]), torch.stack([self.store[k][1] for k in keys]))
+                pair = (feats[j].clone(), regions[j].clone())  # own storage: a view would pin the whole batch
+                got[keys[i]] = pair
+                self._put(keys[i], pair)
+        return (torch.stack([got[k][0] for k in keys]), torch.stack([got[k][1] for k in keys]))
+
+    def _put(self, key: str, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in pair)
+        if key in self.store or size > self.max_bytes:
+            return
+        self.store[key] = pair
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.store.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
 
 
 FEATURES = FeatureCache()  # shared by every phase of this process
+
+
+def select_rows(batch: dict, idx: list[int]) -> dict:
+    """The batch restricted to samples `idx` (tensors indexed on dim 0; lists picked), keeping the flat
+    `images` (N, 3, S, S) of several-image batches in step with `image_counts`."""
+    counts = batch.get("image_counts")
+    out = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items()
+           if k not in ("images", "image_counts")}
+    if counts is not None:
+        first = (counts.cumsum(0) - counts).tolist()
+        sel = [first[i] + k for i in idx for k in range(int(counts[i]))]
+        out["images"], out["image_counts"] = batch["images"][sel], counts[idx]
+    return out
 
 
 
@@ -60,9 +94,8 @@ class CodedText:
         convs, keep = [], []
         n = len(batch["id"])
         for i in range(n):
-            if "conversations" in batch:
-                conv = batch["conversations"][i]
-            else:
+            conv = batch["conversations"][i] if "conversations" in batch else None
+            if conv is None:  # a VQA sample (a batch may mix them with several-image dialogues)
                 conv = [{"from": "human", "value": "<image>\n" + batch["question"][i]},
                         {"from": "gpt", "value": batch["answer"][i]}]
             if any("<mask>" in t["value"] for t in conv):
@@ -99,17 +132,19 @@ class LengthGroupedBatches(EpochBatches, torch.utils.data.Sampler):
         self.bucket = bucket  # characters per length bucket
 
     def _batches(self, epoch: int | None = None) -> list[list[int]]:
+        from medsight.train import per_device_batch
+
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         g = torch.Generator().manual_seed(self.seed + (self.epoch if epoch is None else epoch))
-        perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), self.batch_size
+        perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), per_device_batch(self.batch_size, world)
         batches = []
         for i in range(0, len(perm), self.pool * bs):
             # coarse buckets, random order inside (sorting by exact length would batch identical questions)
             chunk = sorted(perm[i:i + self.pool * bs], key=lambda k: self.lengths[k] // self.bucket)
             batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs) if len(chunk[j:j + bs]) == bs]
         batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         return batches[: len(batches) // world * world][rank::world]
 
     def _epoch_items(self, epoch: int, skip: int) -> list[list[int]]:

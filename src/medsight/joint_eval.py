@@ -12,6 +12,7 @@ import torch
 
 from medsight.joint_data import CodedText, FeatureCache
 from medsight.models.joint import dice_score
+from medsight.multi_image import image_prompt
 
 NAMES_TARGET = re.compile(r"\b(segment|where is) the\b", re.IGNORECASE)  # "Segment the liver.", "Where is the heart?"
 
@@ -53,9 +54,12 @@ def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, p
     if phase in (None, "align", "instruct"):
         items = []
         for b in batches(MedicalDataModule(cfg, "vqa")):
-            feats, regions = features(model, b["image"])
-            convs = [[{"from": "human", "value": "<image>\n" + q}] for q in b["question"]]
-            for p, a, t in zip(model.predict(feats, regions, convs, new), b["answer"], b["answer_type"]):
+            counts = b.get("image_counts")  # several images per sample: one <image> each
+            feats, regions = features(model, b["images"] if counts is not None else b["image"])
+            ns = [1] * len(b["question"]) if counts is None else counts.tolist()
+            convs = [[{"from": "human", "value": image_prompt(q, n)}] for q, n in zip(b["question"], ns)]
+            for p, a, t in zip(model.predict(feats, regions, convs, new, image_counts=counts), b["answer"],
+                               b["answer_type"]):
                 items.append((answer_kind(t), a, p.text))
         for proto in ("official", "strict"):
             sc = score_vqa(items, proto)
@@ -66,9 +70,11 @@ def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, p
         dices: list[float] = []
         for b in batches(MedicalDataModule(cfg, "instruct", sources=("instruct",))):
             convs, keep = coded.conversations(b)
-            feats, regions = features(model, b["image"])
+            counts = b.get("image_counts")  # several images per sample (PubMedVision-style rows)
+            feats, regions = features(model, b["images"] if counts is not None else b["image"])
             tok = model.tokenize(convs)
-            out = model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions)
+            out = model(tok["input_ids"], tok["attention_mask"], tok["labels"], feats, regions, image_counts=counts)
+            first = list(range(len(convs))) if counts is None else (counts.cumsum(0) - counts).tolist()
             correct, total = correct + int(out["code_correct"]), total + int(out["code_total"])
             prompts, rows, targets = [], [], []
             for i, conv in enumerate(convs):
@@ -76,14 +82,16 @@ def evaluate(model, features: FeatureCache, cfg, split: str, coded: CodedText, p
                 for j in range(1, len(conv), 2):
                     n = int(model.is_code(torch.as_tensor(model.tokenizer.encode(conv[j]["value"],
                                                                                  add_special_tokens=False))).sum())
-                    if n and keep[i] and NAMES_TARGET.search(conv[j - 1]["value"]):
+                    if n and keep[i] and NAMES_TARGET.search(conv[j - 1]["value"]) and \
+                            (counts is None or int(counts[i]) == 1):
                         prompts.append(conv[:j])
                         rows.append(i)
                         targets.append(b["masks"][i, seen:seen + n] > 0.5)
                         break
                     seen += n
             if prompts:
-                preds = model.predict(feats[rows], regions[rows], prompts, new)
+                sel = [first[i] for i in rows]
+                preds = model.predict(feats[sel], regions[sel], prompts, new)
                 for p, gt in zip(preds, targets):
                     em = _masks_at(p.mask_logits, tuple(gt.shape[-2:]))
                     for k in range(len(gt)):

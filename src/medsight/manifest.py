@@ -206,6 +206,12 @@ class StagedDir:
         return manifest
 
 
+def write_manifest(folder: Path | str) -> dict[str, Any]:
+    """Hash every file of `folder` and write its manifest.json (last): for a folder written in place by code
+    that adds its own files (the official import); a folder without it loads with a warning."""
+    return StagedDir(Path(folder)).finish()
+
+
 def _staging(final: Path) -> Path:
     return final.with_name(f".{final.name}.staging-{os.getpid()}")
 
@@ -395,4 +401,4 @@ def manifest_digest(folder: Path | str) -> Optional[str]:
 
 
 __all__ = ["CHUNK", "MANIFEST", "StagedDir", "hash_file", "manifest_digest", "read_manifest", "recover",
-           "staged_dir", "verify_file", "verify_folder", "write_safetensors"]
+           "staged_dir", "verify_file", "verify_folder", "write_manifest", "write_safetensors"]

@@ -38,9 +38,12 @@ log = logging.getLogger("medsight")
 
 # ------------------------------------------------------------------------------------- building
 def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Module, code_tokens: list[str],
-                tokenizer_dir: Path | str | None = None, llm_config_dir: Path | str | None = None) -> MedSightLM:
+                tokenizer_dir: Path | str | None = None, llm_config_dir: Path | str | None = None,
+                llm_state: dict[str, torch.Tensor] | None = None) -> MedSightLM:
     """The joint model around frozen stage-1 modules. The LLM comes from its backbone factory, or, when
-    `llm_config_dir` is given (an export), from that saved Hugging Face config (weights loaded after)."""
+    `llm_config_dir` is given (an export), from that saved Hugging Face config: with `llm_state` (the
+    export's tensors) built on the meta device and given those tensors as its weights (no random init, no
+    fp32 copy: a bf16 export stays bf16), else randomly initialised (weights loaded after)."""
     from medsight.models.llm import (
         _prepare_tokenizer,
         add_code_tokens,
@@ -53,7 +56,15 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
 
         trc = bool(cfg.llm.trust_remote_code)
         config = AutoConfig.from_pretrained(str(llm_config_dir), local_files_only=True, trust_remote_code=trc)
-        llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trc)
+        if llm_state is not None and not trc:
+            llm = _llm_from_state(config, llm_state, Path(llm_config_dir).parent)
+        else:
+            llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trc)
+            if llm_state is not None:
+                from medsight.export import check_fits
+
+                check_fits(llm, llm_state, Path(llm_config_dir).parent, "llm")
+                llm.load_state_dict(llm_state, strict=True)
         tok = _prepare_tokenizer(load_tokenizer(tokenizer_dir, trc))
     else:
         llm, tok = build_llm(cfg, tokenizer_dir)
@@ -64,9 +75,29 @@ def build_joint(cfg: DictConfig, vision: torch.nn.Module, perceiver: torch.nn.Mo
                        separate_projectors=cfg.llm.separate_projectors, mask_loss_weight=cfg.llm.mask_loss_weight,
                        max_length=cfg.llm.max_length, patch_pool=patch_pool(cfg),
                        patch_pool_mode=cfg.llm.patch_pool_mode, system_prompt=cfg.llm.system_prompt)
+    model.generation_prompt = bool(cfg.llm.generation_prompt)
+    if cfg.stage3.do_sample:
+        model.sampling = {"temperature": float(cfg.stage3.temperature),
+                          "repetition_penalty": float(cfg.stage3.repetition_penalty)}
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _llm_from_state(config, state: dict[str, torch.Tensor], export_dir: Path) -> torch.nn.Module:
+    """A causal LM whose parameters ARE `state`'s tensors (meta-device construction, strict key check,
+    non-persistent buffers such as the rotary frequencies computed by transformers)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from medsight.export import check_fits
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with torch.device("meta"):
+        skeleton = cls(config)
+    check_fits(skeleton, state, export_dir, "llm")
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    dtype = floats.pop() if len(floats) == 1 else torch.float32
+    return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
 def patch_pool(cfg: DictConfig) -> int:
@@ -91,6 +122,9 @@ def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra
     meta.update(extra_meta or {})
 
     def hf_files(folder: Path) -> None:  # inside the staging folder: listed in the manifest, swapped in with it
+        v = cfg.vision
+        if v.name == "hf" and v.path and not Path(v.path).is_absolute() and hasattr(model.vision, "model"):
+            model.vision.model.config.save_pretrained(str(folder / v.path))  # an imported export's vision_config/
         model.causal_lm().config.save_pretrained(str(folder / "llm"))
         model.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
@@ -103,7 +137,7 @@ def load_joint(export_dir: Path | str, device: str = "cpu",
     """(model, config, meta) from a joint export, every component strictly loaded. Code shipped with the
     export's LLM config runs only with `trust_remote_code=True` from the caller: the export's own
     config.yaml (data) cannot switch it on."""
-    from medsight.models import stage1_components
+    from medsight.models import export_stage1_components
 
     export_dir = Path(export_dir)
     meta, cfg = read_meta(export_dir), read_export_config(export_dir)
@@ -113,18 +147,21 @@ def load_joint(export_dir: Path | str, device: str = "cpu",
     cfg.llm.trust_remote_code = bool(trust_remote_code)
     if "code_tokens" not in meta or not (export_dir / "llm").is_dir():
         raise FileNotFoundError(f"{export_dir} is not a stage-3 (joint model) export")
-    for sub in ("llm/", "tokenizer/"):  # read by Hugging Face: checked against the manifest first
+    subs = ["llm/", "tokenizer/"]  # read by Hugging Face: checked against the manifest first
+    vp = cfg.vision.path
+    if vp and not Path(vp).is_absolute() and (export_dir / vp).is_dir():
+        subs.append(Path(vp).as_posix().rstrip("/") + "/")  # an imported export's vision_config/
+    for sub in subs:
         verify_folder(export_dir, sub)
-    comps = stage1_components(cfg)
+    comps = export_stage1_components(cfg, export_dir)
     for name, module in comps.items():
         load_into(module, export_dir, name)
     model = build_joint(cfg, comps["vision"], comps["perceiver"], meta["code_tokens"], export_dir / "tokenizer",
-                        export_dir / "llm")
+                        export_dir / "llm", llm_state=load_component(export_dir, "llm"))
     if model.code_ids.tolist() != meta["code_ids"]:
         raise RuntimeError(f"{export_dir}: the tokenizer's code-token ids differ from meta.json's")
     load_into(model.projector_v2t, export_dir, "projector_v2t")
     load_into(model.projector_t2v, export_dir, "projector_t2v")
-    load_into(model.llm, export_dir, "llm")
     if meta.get("lora"):
         lo = meta["lora"]
         apply_lora(model, lo["r"], lo["alpha"], lo["dropout"], lo["target_modules"])
@@ -168,8 +205,14 @@ class MedSight:
         model, cfg, meta = load_joint(export_dir, device)
         return cls(model, cfg, meta, device)
 
-    def answer(self, image: np.ndarray, question: str) -> dict[str, Any]:
-        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box"}]}."""
+    def answer(self, image: np.ndarray | Sequence[np.ndarray], question: str) -> dict[str, Any]:
+        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box",
+        "image_index"}]}. `image` may be a list of images (one answer about all of them; each region's
+        image_index says which image its mask is on: medsight.multi_image)."""
+        if isinstance(image, (list, tuple)):
+            from medsight.multi_image import answer_images
+
+            return answer_images(self, image, question)
         return self.answer_batch([image], [question])[0]
 
     @torch.no_grad()
@@ -179,22 +222,42 @@ class MedSight:
         out: list[dict] = []
         for i in range(0, len(images), batch_size):
             imgs, qs = list(images[i:i + batch_size]), list(questions[i:i + batch_size])
-            x = preprocess(imgs, self.cfg.data.image_size, self.cfg.data.mean, self.cfg.data.std).to(self.device)
-            feats, regions = self.model.encode_images(x)
+            x, crops = preprocess_for(self.cfg, imgs)
+            feats, regions = self.model.encode_images(x.to(self.device))
             convs = [[{"from": "human", "value": q if "<image>" in q else "<image>\n" + q}] for q in qs]
             preds = self.model.predict(feats, regions, convs, self.max_new_tokens)
-            for img, p in zip(imgs, preds):
-                out.append({"text": p.text, "regions": regions_of(p, np.asarray(img).shape[:2])})
+            for img, p, crop in zip(imgs, preds, crops):
+                regions = regions_of(p, np.asarray(img).shape[:2], crop)
+                for r in regions:
+                    r.setdefault("image_index", 0)  # one image per question here
+                out.append({"text": p.text, "regions": regions})
         return out
 
 
-def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
+def preprocess_for(cfg: DictConfig, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list]:
+    """Model input for `images` by `data.preprocess` and, per image, the crop it covers (None: the whole
+    image, squashed) so masks can be mapped back."""
+    d = cfg.data
+    if d.get("preprocess", "resize") == "clip":
+        from medsight.data.clip_preprocess import clip_preprocess
+
+        return clip_preprocess(images, d.image_size, d.mean, d.std)
+    return preprocess(images, d.image_size, d.mean, d.std), [None] * len(images)
+
+
+def regions_of(pred, size: tuple[int, int], crop: Any = None) -> list[dict[str, Any]]:
     """Per emitted code: mask at `size` (bilinear logits, > 0), mean probability inside it, class name from the
     perceiver's class head (argmax over real classes: neither background nor "no object") and the mask's box
     [x0, y0, x1, y1) (None for an empty mask)."""
     if not pred.codes:
         return []
-    logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    if crop is not None:  # the model saw a centre crop: back through it, nothing outside it
+        from medsight.data.clip_preprocess import crop_to_input
+
+        logits = crop_to_input(pred.mask_logits, crop, tuple(size))
+    else:
+        logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear",
+                               align_corners=False)[0]
     probs = logits.sigmoid()
     cls = pred.class_logits[:, 1:-1].argmax(-1) + 1  # (M,)
     regions = []
@@ -208,4 +271,4 @@ def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
     return regions
 
 
-__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "regions_of", "save_joint"]
+__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "preprocess_for", "regions_of", "save_joint"]

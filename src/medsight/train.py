@@ -64,6 +64,9 @@ def setup_run(stage: str, argv: Optional[list[str]] = None) -> tuple[DictConfig,
     torch.set_flush_denormal(True)  # denormal floats from confident mask logits slow CPUs 8x
     overlays, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(stage, overlays, overrides)
+    from medsight.handoff import inherit_for_stage
+
+    inherit_for_stage(cfg, overlays, overrides)  # the architecture comes from the export this stage starts from
     seed_everything(cfg.seed)
     out = run_dir(cfg)
     from medsight.atomic import check_writable, write_text
@@ -247,15 +250,35 @@ def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[
     return str(path)
 
 
+def per_device_batch(global_batch: int, world_size: int, key: str = "data.batch_size") -> int:
+    """The per-process batch for a configured GLOBAL batch: with `trainer.devices=N` each of the N processes
+    takes global/N samples a step, so the samples seen per optimizer step (and the step budget's meaning)
+    stay the same on any number of devices."""
+    world_size = max(1, int(world_size))
+    if global_batch % world_size:
+        from medsight.config import ConfigError
+
+        raise ConfigError(f"config key '{key}' = {global_batch} (the global batch) is not divisible by the "
+                          f"{world_size} training processes")
+    return global_batch // world_size
+
+
+def stopped_by_time_cap(trainer: Any) -> bool:
+    """Whether the wall-clock budget callback (not the step budget) ended this trainer's fit."""
+    return any(getattr(cb, "stopped", False) for cb in getattr(trainer, "callbacks", []))
+
+
 def wall_clock_budget(seconds: float) -> Any:
     """Callback: stop fitting after `seconds` of wall time in THIS process (a resumed run gets a fresh budget;
-    Lightning's own `max_time` would restore the time already spent from the checkpoint). Lightning is
-    imported here so that importing medsight.train does not import it."""
+    Lightning's own `max_time` would restore the time already spent from the checkpoint). When it fires it
+    logs a warning and sets `.stopped` (`stopped_by_time_cap` in metrics.json). Lightning is imported here so
+    that importing medsight.train does not import it."""
     from lightning.pytorch.callbacks import Callback
 
     class WallClockBudget(Callback):
         def __init__(self) -> None:
             self.t0: Optional[float] = None
+            self.stopped = False
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.t0 = time.time()
@@ -266,8 +289,11 @@ def wall_clock_budget(seconds: float) -> Any:
             over = time.time() - self.t0 > seconds
             # every rank stops at the same step (as Lightning's own Timer does): one rank over budget is enough
             if trainer.strategy.reduce_boolean_decision(over, all=False):
-                log.info("wall-clock budget of %.0f s reached at step %d: stopping", seconds, trainer.global_step)
+                log.warning("time cap of %.0f s reached at step %d of %s: stopping early (stopped_by_time_cap; "
+                            "the result now depends on this machine's speed)", seconds, trainer.global_step,
+                            trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "the epochs")
                 trainer.should_stop = True
+                self.stopped = True
 
     return WallClockBudget()
 
@@ -275,5 +301,6 @@ def wall_clock_budget(seconds: float) -> Any:
 __all__ = [
     "setup_run", "seed_everything", "declare_trainable", "trainable_names", "log_param_counts",
     "cosine_with_warmup", "adamw_cosine", "build_trainer", "resume_checkpoint", "wall_clock_budget", "log",
-    "process_start_time", "run_stage", "default_device", "default_precision",
+    "process_start_time", "run_stage", "default_device", "default_precision", "per_device_batch",
+    "stopped_by_time_cap",
 ]

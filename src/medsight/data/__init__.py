@@ -17,16 +17,23 @@ task="instruct" (LLaVA conversation form with <mask> or code tokens, mask_orders
     masks/mask_valid/labels as above but in `mask_orders` order (the i-th code <-> the i-th mask)
     (labels 0 where the record gives no class); every batch also has `kind`: list[str] (record source:
     biomedparse | vqa | omnimedvqa | instruct | diagseg); vqa batches also `options` (OmniMedVQA dict or None)
+several images per sample (PubMedVision rows; vqa and instruct tasks), only when a batch holds such a row:
+    images       (N, 3, S, S) every sample's images, sample by sample (N = sum(image_counts)); `image` keeps
+                 each sample's first image
+    image_counts (B,) int64; the dialogue of such a sample has one <image> per image (vqa batches carry its
+                 `conversations`, None for the single-image samples)
 
 Public API (import from the submodules; this package only defines DataError):
     medsight.data.datamodule  MedicalDataModule(cfg, task, collate_fn=None, sources=None): .dataset(split),
                               .records(split), train/val/test_dataloader(), .skipped; collate(samples)
     medsight.data.io          load_image(path, slice_index=None, axis=2, window=None) -> (H, W, 3) uint8;
                               read_image(...) -> (array, ImageGeometry); read_mask; write_mask; WINDOWS
+    medsight.data.formats     FORMATS (name -> reader of a distributed layout: vqa-rad, slake, pathvqa,
+                              omnimedvqa, diagseg, pubmedvision, instruct, biomedparse, synthetic), read_format
     medsight.data.readers     Sample, ErrorPolicy, read_biomedparse, read_conversations, read_vqa,
-                              read_omnimedvqa, read_diagseg
+                              read_omnimedvqa, read_diagseg (the original names; code in data.formats)
     medsight.data.synthetic   ensure_synthetic(root, cfg), generate(root, params), split_cases, case_of
-    medsight.data.check       run_check(format, path) -> dict;  python -m medsight.data.check <format> <path>
+    medsight.data.check       run_check(format, path, ...) -> dict;  python -m medsight.data.check FORMAT PATH
 """
 
 from __future__ import annotations

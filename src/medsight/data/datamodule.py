@@ -14,8 +14,10 @@ medsight.data). Bad records raise DataError, or with data.on_error=skip are logg
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medsight.data import DataError
+from medsight.data.formats import get_format, read_format
+from medsight.data.formats.common import as_path_map
 from medsight.data.io import read_image, read_mask, set_max_pixels
 from medsight.data.readers import (
     ErrorPolicy,
@@ -197,18 +201,39 @@ def split_transform(cfg: Any, task: str, split: str) -> Compose:
 
 
 class _Store:
-    """In-memory cache of decoded, resized uint8 arrays keyed by file path(s); shared across splits."""
+    """In-memory cache of decoded, resized uint8 arrays keyed by file path(s); shared across splits.
 
-    def __init__(self, image_size: int, enabled: bool):
+    Bounded by `max_mb` (data.cache_max_mb; least recently used out first): at real scale what does not fit
+    is decoded again when next needed."""
+
+    def __init__(self, image_size: int, enabled: bool, max_mb: float = 8192.0):
         self.image_size, self.enabled = image_size, enabled
         self.load_image, self.load_masks = load_transform(image_size)
-        self.images: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
-        self.masks: dict[tuple[str, ...], np.ndarray] = {}
+        self.images: OrderedDict[str, tuple[np.ndarray, tuple[int, int]]] = OrderedDict()
+        self.masks: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self.max_bytes, self.bytes, self.evicted = int(max_mb * 2**20), 0, 0
+
+    @property
+    def full(self) -> bool:
+        """True once something was evicted or the next image would not fit (preloading further is wasted)."""
+        return self.evicted > 0 or self.bytes + 3 * self.image_size ** 2 > self.max_bytes
+
+    def _keep(self, table: OrderedDict, key: Any, value: Any, nbytes: int) -> None:
+        if not self.enabled or nbytes > self.max_bytes:
+            return
+        table[key] = value
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:  # evict the least recently used, images and masks alike
+            t = self.images if self.images and (not self.masks or len(self.images) >= len(self.masks)) else self.masks
+            _, old = t.popitem(last=False)
+            self.bytes -= (old[0] if isinstance(old, tuple) else old).nbytes
+            self.evicted += 1
 
     def get(self, s: Sample, with_masks: bool) -> tuple[np.ndarray, np.ndarray]:
         """(3, S, S) uint8 image and (M, S, S) uint8 masks of a record (M = 0 without masks)."""
         if s.image in self.images:
             img, hw = self.images[s.image]
+            self.images.move_to_end(s.image)
         else:
             try:
                 d = _run(self.load_image, {"image": s.image})
@@ -216,8 +241,7 @@ class _Store:
                 raise DataError(f"{s.source}: record {s.id} field 'image': {e}", path=s.source, field="image") from None
             img = np.clip(np.rint(d["image"]), 0, 255).astype(np.uint8)
             hw = tuple(d["image_hw"])
-            if self.enabled:
-                self.images[s.image] = (img, hw)
+            self._keep(self.images, s.image, (img, hw), img.nbytes)
         S = self.image_size
         if not with_masks or not s.masks:
             return img, np.zeros((0, S, S), np.uint8)
@@ -227,8 +251,9 @@ class _Store:
             if m is None:
                 d = _run(self.load_masks, {"masks": [group], "image_hw": hw, "source": s.source})
                 m = (d["masks"][0] > 0.5).astype(np.uint8)  # (S, S)
-                if self.enabled:
-                    self.masks[group] = m
+                self._keep(self.masks, group, m, m.nbytes)
+            else:
+                self.masks.move_to_end(group)
             out.append(m)
         return img, np.stack(out)
 
@@ -247,10 +272,16 @@ class MedicalDataset(Dataset):
         return len(self.samples)
 
     def preload(self) -> None:
-        """Decode every record once (fills the cache); bad ones raise or are dropped and counted."""
+        """Decode every record once (fills the cache); bad ones raise or are dropped and counted. Stops when
+        the cache is full (data.cache_max_mb): the rest is decoded, and checked, when first used."""
         keep = []
-        for s in tqdm(self.samples, desc=f"cache {self.task}/{self.split}", disable=None, file=sys.stderr,
-                      leave=False):
+        for k, s in enumerate(tqdm(self.samples, desc=f"cache {self.task}/{self.split}", disable=None,
+                                   file=sys.stderr, leave=False)):
+            if self.store.full:
+                log.info("%s/%s: image cache full (data.cache_max_mb) after %d of %d records; the rest are "
+                         "decoded when used", self.task, self.split, k, len(self.samples))
+                keep += self.samples[k:]
+                break
             try:
                 self.store.get(s, self.with_masks)
                 keep.append(s)
@@ -278,11 +309,24 @@ class MedicalDataset(Dataset):
         masks = np.asarray(_plain(d["masks"])) if not isinstance(d["masks"], np.ndarray) else d["masks"]
         out: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(d["image"])), "modality": s.modality,
                                "id": s.id, "case": s.case, "kind": s.extra.get("kind", self.task)}
+        if len(s.all_images) > 1:  # several images per sample (PubMedVision): the others, in <image> order
+            extra = []
+            for p in s.all_images[1:]:
+                try:
+                    im, _ = self.store.get(dataclasses.replace(s, image=p, images=[], masks=[]), False)
+                except DataError as e:
+                    self.policy(e)
+                    return None
+                with _single_thread():
+                    extra.append(np.ascontiguousarray(self.transform({"image": im, "masks": masks[:0]})["image"]))
+            out["extra_images"] = torch.from_numpy(np.stack(extra))  # (k - 1, 3, S, S)
         if self.with_masks:
             out.update(masks=torch.from_numpy(np.ascontiguousarray(masks.astype(np.uint8))),
                        labels=torch.tensor(labels, dtype=torch.long), ann_ids=list(s.ann_ids[: masks.shape[0]]))
         if self.task == "vqa":
             out.update(question=s.question, answer=s.answer, answer_type=s.answer_type, options=s.options)
+            if len(s.all_images) > 1:  # the dialogue holds one <image> per image (None for other samples)
+                out["conversations"] = s.conversations
         if self.task == "instruct":
             out["conversations"] = s.conversations
         return out
@@ -310,9 +354,14 @@ def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any]:
             valid[b, :m] = True
             labels[b, :m] = s["labels"].numpy()
         batch.update(masks=torch.from_numpy(masks), mask_valid=torch.from_numpy(valid), labels=torch.from_numpy(labels))
-    for k in samples[0]:
-        if k not in batch:
-            batch[k] = [s[k] for s in samples]
+    if any("extra_images" in s for s in samples):  # several images per sample: flat images + counts
+        per = [[s["image"][None], *([s["extra_images"]] if "extra_images" in s else [])] for s in samples]
+        batch["images"] = torch.cat([torch.cat(p) for p in per])  # (N, 3, S, S), sample by sample
+        batch["image_counts"] = torch.tensor([1 + len(s.get("extra_images", ())) for s in samples], dtype=torch.long)
+    keys = list(dict.fromkeys(k for s in samples for k in s))
+    for k in keys:
+        if k not in batch and k != "extra_images":
+            batch[k] = [s.get(k) for s in samples]
     return batch
 
 
@@ -339,7 +388,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.groups = list(cfg.data.modality_groups)
         self.policy = ErrorPolicy(cfg.data.on_error)
         set_max_pixels(int(cfg.data.max_pixels))
-        self.store = _Store(int(cfg.data.image_size), bool(cfg.data.cache))
+        self.store = _Store(int(cfg.data.image_size), bool(cfg.data.cache), float(cfg.data.get("cache_max_mb", 8192.0)))
         self._datasets: dict[str, MedicalDataset] = {}
 
     # paths ------------------------------------------------------------------------------------
@@ -369,8 +418,12 @@ class MedicalDataModule(L.LightningDataModule):
         out: list[Sample] = []
         for src in self.sources:
             p = self.path_of(src)
-            if src == "biomedparse":
-                recs = read_biomedparse(p, split, self.groups, float(self.cfg.data.val_fraction), self.policy)
+            fmt = dict(self.cfg.data.get("formats") or {}).get(src)
+            if fmt:
+                recs = self._read_format(fmt, src, p, split)
+            elif src == "biomedparse":
+                recs = read_biomedparse(p, split, self.groups, float(self.cfg.data.val_fraction), self.policy,
+                                        as_path_map(dict(self.cfg.data.get("path_map") or {})))
             elif src == "omnimedvqa":
                 if split != "test":
                     continue
@@ -393,6 +446,21 @@ class MedicalDataModule(L.LightningDataModule):
                 log.warning("%s/%s: %d images have more than data.max_masks=%d masks; the first %d are used",
                             self.task, split, n_over, self.cfg.data.max_masks, self.cfg.data.max_masks)
         return out
+
+    def _read_format(self, fmt: str, src: str, path: Path, split: str) -> list[Sample]:
+        """Records of `split` of a distributed layout (data.formats[src] = fmt); [] where it has no such split
+        (the eval sets are test only; a single PubMedVision/instruction file is split train/val by id)."""
+        spec = get_format(fmt)
+        if split not in spec.splits:
+            return []
+        got = read_format(fmt, path, split, self.groups, self.policy, dict(self.cfg.data.get("path_map") or {}),
+                          val_fraction=float(self.cfg.data.val_fraction))
+        if got.skipped:
+            log.info("%s: %d rows with more than 4 images dropped (as the reference does)", path, got.skipped)
+        recs = got.samples
+        if self.task == "instruct" and spec.kind == "vqa":
+            recs = [vqa_as_conversation(r) for r in recs]
+        return recs
 
     def dataset(self, split: str) -> MedicalDataset:
         """The (cached) dataset of `split`; built and preloaded on first use."""
@@ -425,6 +493,11 @@ class MedicalDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.dataset(split)
         bs = int(self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
+        if train:  # data.batch_size is the global batch: each of N training processes takes 1/N of it
+            from medsight.train import per_device_batch
+
+            trainer = getattr(self, "trainer", None)
+            bs = per_device_batch(bs, trainer.world_size if trainer is not None else 1)
         nw = int(self.cfg.data.num_workers)
         if train:  # the order of epoch e depends only on (seed, e); resumable mid-epoch (medsight.resume)
             from medsight.resume import ResumableLoader, SeededShuffle

@@ -272,10 +272,15 @@ def split_cases(cases: list[str], fraction: float, salt: int = 0) -> tuple[list[
 
 
 def case_of(file_name: str) -> str:
-    """Case (patient) id of a BiomedParse file name `{case}_{slice}_{modality}_{site}[...]`."""
+    """Case (patient) id of a BiomedParse file name `{case}_{slice}_{modality}_{site}[...]`.
+
+    A 2D set has no slice index (`dermIS_SSM18_dermoscopy_skin.png`, `benign (46)_ultrasound_breast.png`):
+    the token before `{modality}_{site}` is not a number, so every image is its own case."""
     stem = Path(file_name).stem
     parts = stem.split("_")
-    return "_".join(parts[:-3]) if len(parts) >= 4 else stem
+    if len(parts) >= 4 and parts[-3].isdigit():
+        return "_".join(parts[:-3])
+    return "_".join(parts[:-2]) if len(parts) >= 3 else stem
 
 
 # ------------------------------------------------------------------------------------------- text

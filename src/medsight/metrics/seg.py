@@ -32,7 +32,8 @@ class MaskDice(Metric):
 
     update(pred_masks (B, N, h, w) logits, matches [(pred_idx, gt_idx)] per image, masks (B, M, S, S),
     mask_valid (B, M), labels (B, M), modality (B,)). compute() -> {"dice", "dice_oracle",
-    "dice_class/<name>", "dice_group/<name>"} (classes/groups without GT masks are left out).
+    "dice_class/<name>", "masks_class/<name>" (how many GT masks that class's Dice averages over),
+    "dice_group/<name>"} (classes/groups without GT masks are left out).
     """
 
     full_state_update = False
@@ -87,6 +88,7 @@ class MaskDice(Metric):
             if self.class_count[c] > 0:
                 name = self.class_names.get(c, str(c)).replace(" ", "_")
                 out[f"dice_class/{name}"] = (self.class_sum[c] / self.class_count[c]).float()
+                out[f"masks_class/{name}"] = self.class_count[c].float()
         for g, name in enumerate(self.group_names):
             if self.group_count[g] > 0:
                 out[f"dice_group/{name}"] = (self.group_sum[g] / self.group_count[g]).float()

@@ -13,10 +13,11 @@ Two protocols:
     of the prediction (so "no" matches "normal", "abnormal", "not", ...);
   - open recall/precision/F1 on word counts where true positives take the *prediction's* multiplicity and
     false negatives the reference's; an empty prediction or no overlap scores 0.
-* ``strict`` fixes those flaws: code tokens (``[C3_17]``), ``<mask>`` and chat markup are removed, every
-  punctuation mark becomes a space (decimal points and digit-grouping commas survive), closed answers are
-  parsed to yes/no/other and compared exactly (non yes/no closed answers need a whole-word phrase match),
-  open scores clip matched counts (SQuAD-style), so a repeated word cannot inflate recall.
+* ``strict`` fixes those flaws: code tokens (``[<letters><group>_<index>]``: ``[C3_17]``, the released
+  ``[M3_17]``), ``<mask>`` and chat markup are removed, every punctuation mark becomes a space (decimal
+  points and digit-grouping commas survive), closed answers are parsed to yes/no/other and compared exactly
+  (non yes/no closed answers need a whole-word phrase match), open scores clip matched counts (SQuAD-style),
+  so a repeated word cannot inflate recall.
 
 Both report percentages. "all"/``overall`` is the mean over all questions of the closed hit (closed
 questions) or the open recall (open questions); the reference script does not print it, the paper's "all"
@@ -79,7 +80,7 @@ _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _REFERENCE_PERIOD_LIMIT = 32  # the reference passes re.UNICODE (== 32) as re.sub's `count`
 
 #: Tokens the model emits that are not words: region codes, mask placeholders, chat markup.
-SPECIAL_TOKENS = re.compile(r"\[C\d+_\d+\]|<mask>|<image>|<\|[^|<>]*\|>|</?s>", re.IGNORECASE)
+SPECIAL_TOKENS = re.compile(r"\[[A-Za-z]+\d+_\d+\]|<mask>|<image>|<\|[^|<>]*\|>|</?s>", re.IGNORECASE)
 
 
 def _finish_words(words: Iterable[str]) -> list[str]:

@@ -18,6 +18,30 @@ def stage1_components(cfg: DictConfig) -> dict[str, nn.Module]:
     return {"vision": vision, "perceiver": build_perceiver(cfg, vision.out_dim)}
 
 
+def export_stage1_components(cfg: DictConfig, export_dir: Path | str) -> dict[str, nn.Module]:
+    """`vision` and `perceiver` built for loading an export's weights into them: the encoder's architecture
+    is built without reading its weights (they come from the export). A relative `vision.path` names a
+    folder inside the export (an imported export keeps the encoder's config.json in `vision_config/`)."""
+    from medsight.models.backbones import HFVisionEncoder, _hf_config_model
+
+    if cfg.vision.name != "hf" or not cfg.vision.path:
+        built = cfg.copy()
+        if built.vision.name == "clip-vit-l14-336":
+            built.vision.path = None
+        return stage1_components(built)
+    from transformers import AutoConfig
+
+    path = Path(cfg.vision.path)
+    if not path.is_absolute() and (Path(export_dir) / path / "config.json").is_file():
+        path = Path(export_dir) / path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"vision.path '{cfg.vision.path}' of export {export_dir} has no config.json")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = getattr(config, "vision_config", config)  # a full CLIP/SigLIP config: its vision tower
+    vision = HFVisionEncoder(_hf_config_model(config), cfg.vision.select_layer)
+    return {"vision": vision, "perceiver": build_perceiver(cfg, vision.out_dim)}
+
+
 def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, RegionPerceiver]:
     """(vision, perceiver) from a stage-1 export, strictly loaded, frozen and in eval mode.
 
@@ -37,11 +61,9 @@ def load_stage1(export_dir: Path | str, cfg: DictConfig) -> tuple[nn.Module, Reg
     export_dir = require_export(export_dir, "stage1")
     check_compatible(read_meta(export_dir), cfg, export_dir)
     built = read_export_config(export_dir)
-    if built.vision.name == "clip-vit-l14-336":
-        built.vision.path = None  # architecture is known; weights come from the export, not read twice
-    elif cfg.vision.path:
+    if built.vision.name == "hf" and cfg.vision.path:
         built.vision.path = cfg.vision.path  # hf: the encoder's config.json may have moved
-    comps = stage1_components(built)
+    comps = export_stage1_components(built, export_dir)  # architecture only: the weights come from the export
     for name, module in comps.items():
         load_into(module, export_dir, name)
         module.requires_grad_(False).eval()
@@ -53,6 +75,7 @@ __all__ = [
     "RegionPerceiver",
     "build_perceiver",
     "build_vision",
+    "export_stage1_components",
     "load_stage1",
     "stage1_components",
 ]

@@ -13,7 +13,7 @@ runs ONE teacher-forced forward over prompt + answer and reads the states there 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -111,6 +111,7 @@ class Prediction:
     codes: list[str]
     mask_logits: torch.Tensor  # (M, h, w)
     class_logits: torch.Tensor  # (M, C + 1)
+    image_index: list[int] = field(default_factory=list)  # per code: the image it was decoded on ([] = all 0)
 
 
 class MedSightLM(nn.Module):
@@ -136,6 +137,9 @@ class MedSightLM(nn.Module):
         self.patch_pool, self.patch_pool_mode = patch_pool, patch_pool_mode
         self.system_prompt = system_prompt or None
         self.image_dropout = 0.0  # training-time only: set_dropout
+        # False: the reference's prompt (no "<|im_start|>assistant\n"; the model writes it, stripped after)
+        self.generation_prompt = True
+        self.sampling: dict[str, float] | None = None  # {"temperature", "repetition_penalty"}; None: greedy
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []
@@ -192,21 +196,28 @@ class MedSightLM(nn.Module):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-                     labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Expand each sample's single `<image>` id into its P + R image embeddings, keeping left padding.
+                     labels: torch.Tensor | None = None,
+                     image_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Expand each `<image>` id into its image's P + R embeddings, keeping left padding.
 
-        Returns inputs_embeds (B, L, h), attention_mask (B, L), position_ids (B, L), labels (B, L) and
-        token_ids (B, L) (-1 at image positions, pad id on padding)."""
+        Without `image_counts`: image_embeds (B, K, h), one `<image>` per sample at most. With it (B,):
+        image_embeds (N, K, h) for N = sum(image_counts) images in sample order, and sample b's k-th `<image>`
+        takes its k-th image (the counts must match). Returns inputs_embeds (B, L, h), attention_mask (B, L),
+        position_ids (B, L), labels (B, L) and token_ids (B, L) (-1 at image positions, pad id on padding)."""
         b, t = input_ids.shape
         k = image_embeds.shape[1]
         is_img = input_ids == self.image_token_id  # (B, T)
-        if (is_img.sum(1) > 1).any():
-            raise ValueError("each sample may hold one <image> placeholder")
+        if image_counts is None and (is_img.sum(1) > 1).any():
+            raise ValueError("each sample may hold one <image> placeholder (pass image_counts for several)")
+        if image_counts is not None and not torch.equal(is_img.sum(1).cpu(), torch.as_tensor(image_counts).cpu()):
+            raise ValueError(f"<image> placeholders per sample {is_img.sum(1).tolist()} differ from the images "
+                             f"given {torch.as_tensor(image_counts).tolist()}")
         width = torch.where(is_img, k, 1)
         ends = width.cumsum(1)  # (B, T) exclusive end in the expanded sequence
         length = int(ends[:, -1].max()) if t else 0
         starts = ends - width + (length - ends[:, -1:])  # shift right: left padding
-        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids)  # (B, T, h)
+        # the <image> placeholder needs no embedding row (imported vocabularies have none for it)
+        tok_embeds = self.causal_lm().get_input_embeddings()(input_ids.masked_fill(is_img, 0))  # (B, T, h)
         embeds = tok_embeds.new_zeros(b, length, tok_embeds.shape[-1])
         mask = attention_mask.new_zeros(b, length)
         out_labels = input_ids.new_full((b, length), IGNORE)
@@ -218,10 +229,11 @@ class MedSightLM(nn.Module):
         token_ids[bi, pos] = input_ids[bi, ti]
         if labels is not None:
             out_labels[bi, pos] = labels[bi, ti]
-        bi, ti = is_img.nonzero(as_tuple=True)
+        bi, ti = is_img.nonzero(as_tuple=True)  # row-major: sample by sample, placeholders in text order
         if len(bi):
             pos = starts[bi, ti, None] + torch.arange(k, device=input_ids.device)  # (n, K)
-            embeds[bi[:, None], pos] = image_embeds[bi].to(embeds.dtype)
+            src = bi if image_counts is None else torch.arange(len(bi), device=input_ids.device)
+            embeds[bi[:, None], pos] = image_embeds[src].to(embeds.dtype)
             mask[bi[:, None], pos] = 1
             token_ids[bi[:, None], pos] = -1
         position_ids = (mask.cumsum(1) - 1).clamp_min(0)
@@ -251,20 +263,66 @@ class MedSightLM(nn.Module):
         ids[bi, rank] = token_ids[bi, ti]
         return states, valid, ids
 
+    def code_image_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Per code (B, M), in code order (as code_states): the sample-local index of the image whose
+        `<image>` block last precedes it (0 when none does). token_ids (B, L) as build_inputs returns them."""
+        img = token_ids == -1
+        start = img & ~torch.cat([img.new_zeros(img.shape[0], 1), img[:, :-1]], 1)  # first position of a block
+        before = (start.long().cumsum(1) - 1).clamp_min(0)  # (B, L)
+        is_code = self.is_code(token_ids)
+        m = int(is_code.sum(1).max()) if is_code.numel() else 0
+        out = token_ids.new_zeros(token_ids.shape[0], m)
+        bi, ti = is_code.nonzero(as_tuple=True)
+        out[bi, (is_code.long().cumsum(1) - 1)[bi, ti]] = before[bi, ti]
+        return out
+
+    def decode_masks_on(self, states: torch.Tensor, valid: torch.Tensor, image_of_code: torch.Tensor,
+                        feats: torch.Tensor, first_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """decode_masks where sample b's codes may belong to different images: the codes of each (sample,
+        image) pair are decoded together on that image's features (feats (N, H', W', D); the image of code
+        (b, m) is feats[first_image[b] + image_of_code[b, m]]). Returns pred_masks (B, M, h', w') and
+        pred_logits (B, M, C + 1) in code order (zeros where not valid)."""
+        b, m = valid.shape
+        pairs = sorted({(i, int(image_of_code[i, j])) for i, j in valid.nonzero().tolist()})
+        if not pairs:
+            dec = self.decode_masks(states[:0], feats[:0])
+            return {"pred_masks": dec["pred_masks"].new_zeros(b, m, *dec["pred_masks"].shape[2:]),
+                    "pred_logits": dec["pred_logits"].new_zeros(b, m, dec["pred_logits"].shape[-1])}
+        width = max(int((valid[i] & (image_of_code[i] == k)).sum()) for i, k in pairs)
+        rows = states.new_zeros(len(pairs), width, states.shape[-1])  # (R, M', h) codes of one image per row
+        where = []
+        for r, (i, k) in enumerate(pairs):
+            js = (valid[i] & (image_of_code[i] == k)).nonzero().squeeze(1)
+            rows[r, : len(js)] = states[i, js]
+            where.append((i, js))
+        idx = torch.as_tensor([int(first_image[i]) + k for i, k in pairs], device=feats.device)
+        dec = self.decode_masks(rows, feats[idx])
+        masks = dec["pred_masks"].new_zeros(b, m, *dec["pred_masks"].shape[2:])
+        logits = dec["pred_logits"].new_zeros(b, m, dec["pred_logits"].shape[-1])
+        for r, (i, js) in enumerate(where):
+            masks[i, js] = dec["pred_masks"][r, : len(js)]
+            logits[i, js] = dec["pred_logits"][r, : len(js)]
+        return {"pred_masks": masks, "pred_logits": logits}
+
     def decode_masks(self, states: torch.Tensor, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Code hidden states (B, M, h) -> t->v -> perceiver decode on each image's features:
         pred_masks (B, M, h', w') logits and pred_logits (B, M, C + 1)."""
-        queries = self.projector_t2v(states)  # (B, M, d)
+        weight = next(self.projector_t2v.parameters())
+        queries = self.projector_t2v(states.to(weight.dtype))  # (B, M, d); a bf16 LLM beside fp32 projectors
         out = self.perceiver(feats.to(queries.dtype), queries=queries)
         return {"pred_masks": out["pred_masks"], "pred_logits": out["pred_logits"]}
 
     # ----------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 feats: torch.Tensor, regions: torch.Tensor, masks: torch.Tensor | None = None,
-                mask_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                mask_valid: torch.Tensor | None = None,
+                image_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Teacher-forced loss: CE over supervised tokens + mask_loss_weight x (Dice + BCE) of the masks
-        decoded at code positions, the i-th code paired with the i-th mask of `mask_orders`."""
-        inputs = self.build_inputs(input_ids, attention_mask, self.image_embeddings(feats, regions), labels)
+        decoded at code positions, the i-th code paired with the i-th mask of `mask_orders`. With
+        `image_counts` (B,), feats/regions hold every sample's images in order (see build_inputs) and each
+        code's mask is decoded on the image whose `<image>` last precedes it."""
+        inputs = self.build_inputs(input_ids, attention_mask, self.image_embeddings(feats, regions), labels,
+                                   image_counts)
         hidden = self.hidden_states(inputs)  # (B, L, h)
         target = inputs["labels"][:, 1:]
         sel = target != IGNORE
@@ -283,8 +341,15 @@ class MedSightLM(nn.Module):
             m = min(states.shape[1], masks.shape[1])
             pair = valid[:, :m] & mask_valid[:, :m]  # (B, m) code i <-> mask i
             rows = pair.any(1)
-            if pair.any():
+            if pair.any() and image_counts is None:
                 dec = self.decode_masks(states[rows, :m], feats[rows])["pred_masks"]  # (b, m, h', w')
+            elif pair.any():
+                counts = torch.as_tensor(image_counts, device=feats.device)
+                first = counts.cumsum(0) - counts
+                img_of = self.code_image_index(inputs["token_ids"])[:, :m]
+                dec = self.decode_masks_on(states[rows, :m], valid[rows, :m], img_of[rows], feats,
+                                           first[rows])["pred_masks"]  # (b, m, h', w')
+            if pair.any():
                 gt = masks[rows, :m].to(dec.dtype)
                 if gt.shape[-2:] != dec.shape[-2:]:
                     dec = F.interpolate(dec, size=gt.shape[-2:], mode="bilinear", align_corners=False)
@@ -295,7 +360,8 @@ class MedSightLM(nn.Module):
         if not torch.is_tensor(mask_loss) or mask_loss.grad_fn is None:
             # keep every trainable projector in the graph (DDP expects each parameter to get a gradient)
             # (through the module's forward, not its parameters: FSDP2 only gathers weights inside forward)
-            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1]).sum()
+            weight = next(self.projector_t2v.parameters())
+            mask_loss = mask_loss + 0.0 * self.projector_t2v(hidden[:, :1].to(weight.dtype)).sum()
         out["mask_loss"] = mask_loss
         out["loss"] = ce + self.mask_loss_weight * mask_loss
         return out
@@ -308,25 +374,28 @@ class MedSightLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
-                 max_new_tokens: int = 48) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """Greedy decoding (deterministic) with a KV cache. Returns the tokenised prompts and the generated
-        ids per sample (up to and including the end-of-turn token)."""
+                 max_new_tokens: int = 48,
+                 image_counts: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """Greedy decoding (deterministic) with a KV cache; with `self.sampling` the reference's sampling
+        (repetition penalty on the generated ids, then temperature). Returns the tokenised prompts and the
+        generated ids per sample (up to and including the end-of-turn token). image_counts: as in build_inputs."""
         from transformers import DynamicCache
 
         lm = self.causal_lm()
-        prompt = self.tokenize(conversations, generation_prompt=True)
+        prompt = self.tokenize(conversations, generation_prompt=self.generation_prompt)
         prompt = {k: v.to(feats.device) for k, v in prompt.items()}
-        inputs = self.build_inputs(prompt["input_ids"], prompt["attention_mask"], self.image_embeddings(feats, regions))
+        inputs = self.build_inputs(prompt["input_ids"], prompt["attention_mask"], self.image_embeddings(feats, regions),
+                                   image_counts=image_counts)
         stop = torch.as_tensor(self.stop_ids(), device=feats.device)
         cache = DynamicCache(config=lm.config)
         out = lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                  position_ids=inputs["position_ids"], cache=cache, use_cache=True, logits_to_keep=1)
         mask, pos = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-        b = feats.shape[0]
+        b = len(conversations)
         done = torch.zeros(b, dtype=torch.bool, device=feats.device)
         generated: list[list[int]] = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            nxt = self._next_token(out.logits[:, -1], generated)  # (B,)
             for i in range(b):
                 if not done[i]:
                     generated[i].append(int(nxt[i]))
@@ -338,13 +407,40 @@ class MedSightLM(nn.Module):
             out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return prompt, generated
 
+    def _next_token(self, logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+        """Greedy argmax, or the reference's sampling: HF-style repetition penalty over the ids generated so
+        far (the prompt is embeddings there), temperature, multinomial draw."""
+        if not self.sampling:
+            return logits.argmax(-1)
+        logits = logits.float().clone()
+        penalty = float(self.sampling.get("repetition_penalty", 1.0))
+        for i, ids in enumerate(generated):
+            if ids and penalty != 1.0:
+                idx = torch.as_tensor(sorted(set(ids)), device=logits.device)
+                row = logits[i, idx]
+                logits[i, idx] = torch.where(row < 0, row * penalty, row / penalty)
+        probs = (logits / max(float(self.sampling.get("temperature", 1.0)), 1e-5)).softmax(-1)
+        return torch.multinomial(probs, 1).squeeze(1)
+
+    def answer_text(self, ids: list[int]) -> str:
+        """The decoded answer without stop tokens; without a generation prompt also without the
+        "<|im_start|>assistant\n" the model writes first."""
+        stop_ids = set(self.stop_ids())
+        text = self.tokenizer.decode([t for t in ids if t not in stop_ids], skip_special_tokens=False)
+        if not self.generation_prompt:
+            for head in ("<|im_start|>assistant\n", "assistant\n"):
+                if text.startswith(head):
+                    return text[len(head):]
+        return text
+
     @torch.no_grad()
     def predict(self, feats: torch.Tensor, regions: torch.Tensor, conversations: list[list[dict]],
-                max_new_tokens: int = 48) -> list[Prediction]:
+                max_new_tokens: int = 48, image_counts: torch.Tensor | None = None) -> list[Prediction]:
         """Generate, then ONE teacher-forced forward over prompt + answer; decode a mask for each emitted
-        code from the hidden state at its own position (the training rule)."""
-        prompt, generated = self.generate(feats, regions, conversations, max_new_tokens)
-        stop_ids = set(self.stop_ids())
+        code from the hidden state at its own position (the training rule). With image_counts (several
+        images per sample, see build_inputs) each code is decoded on the image whose `<image>` last precedes
+        it and Prediction.image_index says which."""
+        prompt, generated = self.generate(feats, regions, conversations, max_new_tokens, image_counts)
         n_prompt = self.is_code(prompt["input_ids"]).sum(1).tolist()  # codes already in the prompt (history)
         rows = [i for i, g in enumerate(generated) if bool(self.is_code(torch.as_tensor(g, dtype=torch.long,
                                                                                            device=feats.device)).any())]
@@ -353,17 +449,29 @@ class MedSightLM(nn.Module):
             seqs = [[int(t) for t, a in zip(prompt["input_ids"][i].tolist(), prompt["attention_mask"][i].tolist()) if a]
                     + generated[i] for i in rows]
             ids, am = left_pad(seqs, self.tokenizer.pad_token_id)
-            inputs = self.build_inputs(ids.to(feats.device), am.to(feats.device),
-                                       self.image_embeddings(feats[rows], regions[rows]))
+            if image_counts is None:
+                inputs = self.build_inputs(ids.to(feats.device), am.to(feats.device),
+                                           self.image_embeddings(feats[rows], regions[rows]))
+            else:
+                counts = torch.as_tensor(image_counts, device=feats.device)
+                first = (counts.cumsum(0) - counts).tolist()
+                sel = torch.as_tensor([first[i] + k for i in rows for k in range(int(counts[i]))], device=feats.device)
+                inputs = self.build_inputs(ids.to(feats.device), am.to(feats.device),
+                                           self.image_embeddings(feats[sel], regions[sel]), image_counts=counts[rows])
             states, valid, code_ids = self.code_states(self.hidden_states(inputs), inputs["token_ids"])
-            decoded = self.decode_masks(states, feats[rows])
+            img_of = self.code_image_index(inputs["token_ids"])
+            if image_counts is None:
+                decoded = self.decode_masks(states, feats[rows])
+            else:
+                local = counts[rows].cumsum(0) - counts[rows]
+                decoded = self.decode_masks_on(states, valid, img_of, feats[sel], local)
             for r, i in enumerate(rows):
                 j = valid[r].nonzero().squeeze(1)[n_prompt[i]:]  # this answer's codes, in order
                 found[i] = (self.tokenizer.convert_ids_to_tokens(code_ids[r][j].tolist()),
-                            decoded["pred_masks"][r][j], decoded["pred_logits"][r][j])
+                            decoded["pred_masks"][r][j], decoded["pred_logits"][r][j], img_of[r][j].tolist())
         preds = []
         for i, gen in enumerate(generated):
-            text = self.tokenizer.decode([t for t in gen if t not in stop_ids], skip_special_tokens=False)
+            text = self.answer_text(gen)
             if i in found:
                 preds.append(Prediction(text, gen, *found[i]))
             else:

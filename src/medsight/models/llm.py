@@ -200,7 +200,8 @@ def add_code_tokens(model: torch.nn.Module, tokenizer, code_tokens: list[str]) -
             enc = tokenizer.encode(name, add_special_tokens=False)
             if enc != [i]:
                 raise RuntimeError(f"code token {name} encodes to {enc}, not one id")
-        size = len(tokenizer)
+        # rows up to the last code id: a tokenizer-only placeholder (<image>) after them needs no row
+        size = max(ids) + 1 if ids else 0
     else:  # meta-device inspection without a tokenizer: the new rows go after the existing vocabulary
         size = model.get_input_embeddings().num_embeddings + len(code_tokens)
         ids = list(range(size - len(code_tokens), size))

@@ -170,11 +170,22 @@ class RegionPerceiver(nn.Module):
         return {"pred_masks": masks, "pred_logits": logits, "queries": q, "aux": aux}
 
 
-def build_perceiver(cfg: DictConfig, in_dim: int) -> RegionPerceiver:
+PERCEIVER_VARIANTS = ("ours", "reference")
+
+
+def build_perceiver(cfg: DictConfig, in_dim: int) -> nn.Module:
+    """The Region Perceiver of `perceiver.variant`: `ours` (this module) or `reference` (the released
+    model's forward, medsight.models.perceiver_reference); both take the same arguments."""
     p = cfg.perceiver
-    return RegionPerceiver(in_dim=in_dim, dim=p.dim, num_queries=p.num_queries, num_stages=p.num_stages,
-                           heads=p.heads, head_dim=p.head_dim, ff_mult=p.ff_mult, num_classes=p.num_classes,
-                           pixel_ffn=p.pixel_ffn, mask_threshold=p.mask_threshold)
+    variant = p.get("variant", "ours")
+    if variant not in PERCEIVER_VARIANTS:
+        raise ValueError(f"unknown perceiver.variant '{variant}'; choose from {list(PERCEIVER_VARIANTS)}")
+    cls = RegionPerceiver
+    if variant == "reference":
+        from medsight.models.perceiver_reference import ReferenceRegionPerceiver as cls  # type: ignore[assignment]
+    return cls(in_dim=in_dim, dim=p.dim, num_queries=p.num_queries, num_stages=p.num_stages,
+               heads=p.heads, head_dim=p.head_dim, ff_mult=p.ff_mult, num_classes=p.num_classes,
+               pixel_ffn=p.pixel_ffn, mask_threshold=p.mask_threshold)
 
 
-__all__ = ["CrossAttention", "RegionPerceiver", "build_perceiver", "sine_position_encoding"]
+__all__ = ["CrossAttention", "PERCEIVER_VARIANTS", "RegionPerceiver", "build_perceiver", "sine_position_encoding"]
