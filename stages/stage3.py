@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if _finished(out, phase, cfg):
             log.info("phase %s: finished earlier (resume=auto), continuing from its export", phase)
             init, module = out / phase / "export", None
+            done = read_meta(init)
+            steps[phase], capped[phase] = int(done.get("global_step", 0)), bool(done.get("stopped_by_time_cap"))
             continue
         module = JointLLMModule(to_dict(cfg), phase, str(stage1), str(stage2), str(out / "tokenizer"),
                               str(init) if init else None, total_steps=pc.max_steps)
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      ", ".join(f"val/{k} {v:.3f}" for k, v in val.items()))
             save_joint(module.model, init, cfg, {"phase": phase, "codes_initialised": module.codes_initialised,
                                                  "global_step": trainer.global_step,
+                                                 "stopped_by_time_cap": capped[phase],
                                                  **{f"val/{k}": v for k, v in val.items()}})
         trainer.strategy.barrier()
         timings[phase] = time.time() - tp
