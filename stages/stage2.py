@@ -25,6 +25,7 @@ from medsight import codes
 from medsight.codes import Regions
 from medsight.config import from_dict, previous_export, to_dict
 from medsight.export import require_export, save_export, write_metrics
+from medsight.manifest import manifest_digest, staged_dir
 from medsight.metrics.seg import MaskDice
 from medsight.models import build_vision, load_stage1
 from medsight.models.codebook import build_quantizer, quantizer_loss, usage_stats
@@ -34,6 +35,7 @@ from medsight.models.matching import (
     loss_weights,
     sigmoid_bce_loss,
 )
+from medsight.resume import ResumableLoader
 from medsight.train import (
     build_trainer,
     cosine_with_warmup,
@@ -87,7 +89,7 @@ class CodebookModule(L.LightningModule):
 
     def _loader(self, regions: list[Regions], batch_size: int, shuffle: bool) -> DataLoader:
         sampler = codes.BucketBatches([r.num_single for r in regions], batch_size, shuffle, seed=self.cfg.seed)
-        return DataLoader(regions, batch_sampler=sampler, collate_fn=codes.collate_regions)
+        return ResumableLoader(regions, batch_sampler=sampler, collate_fn=codes.collate_regions)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_regions, int(self.cfg.data.batch_size), True)
@@ -154,6 +156,17 @@ class CodebookModule(L.LightningModule):
         if c.reseed_dead and self.global_step % max(1, int(c.reseed_every)) == 0:
             n = self.quantizer.reseed_dead()
             self.log("train/reseeded_codes", float(n))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The dead-code bookkeeping (usage since the last check, recent z per group) is not part of the export
+        (non-persistent buffers) but a resumed run needs it to re-seed the same codes."""
+        q = self.quantizer
+        checkpoint["codebook_bookkeeping"] = {k: getattr(q, k).detach().cpu().clone()
+                                              for k in ("usage", "recent", "recent_n")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for k, v in checkpoint.get("codebook_bookkeeping", {}).items():
+            getattr(self.quantizer, k).copy_(v)
 
     # -------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -255,12 +268,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = codes.code_names(cfg.codebook.num_groups, cfg.codebook.num_codes)
     with torch.no_grad():
         emb = {"embeddings": q.code_embeddings().float().cpu()}  # (G*K, d) modality-major
+    # coded/ (what stage 3 trains on) first, staged and swapped in with its manifest; the export then records
+    # that manifest's digest, so stage 3 reads the coded files of exactly this export
+    with staged_dir(out / "coded") as coded:
+        report = codes.run_assignment(dm, q, regions, records, coded.path, names)
     save_export(out / "export", cfg, {"codebook": q, "code_embeddings": emb},
                 extra_meta={"code_tokens": names, "num_groups": cfg.codebook.num_groups,
                             "num_codes": cfg.codebook.num_codes, "code_dim": cfg.codebook.code_dim,
                             "encoder_dim": model.vision.out_dim, "stage1_export": str(stage1),
+                            "coded_manifest_sha256": manifest_digest(out / "coded"),
                             "val/dice_quantized": model.final_metrics.get("val/dice_quantized")})
-    report = codes.run_assignment(dm, q, regions, records, out / "coded", names)
     spill.close()  # the on-disk part of the frozen outputs is no longer needed
     metrics = {**model.final_metrics, "global_step": trainer.global_step, "seed": cfg.seed,
                "stopped_by_time_cap": stopped_by_time_cap(trainer),

@@ -15,7 +15,6 @@ features, region tokens) are computed once per image and kept in memory (`Featur
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ import lightning as L
 import torch
 
 from medsight.config import from_dict, run_dir, to_dict
-from medsight.export import load_component, read_meta, require_export, write_metrics
+from medsight.export import ExportError, load_component, read_meta, require_export, write_metrics
 from medsight.joint_data import CodedText, FeatureCache, phase_loader, select_rows
 from medsight.joint_eval import evaluate
+from medsight.manifest import manifest_digest, staged_dir
 from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
 from medsight.models.joint import apply_lora, row_masked_params, set_phase
@@ -55,7 +55,7 @@ class JointLLMModule(L.LightningModule):
         self.cfg = cfg = from_dict(config)
         code_tokens = read_meta(stage2)["code_tokens"]
         if init_from:  # the previous phase's export
-            model, _, meta = load_joint(init_from)
+            model, _, meta = load_joint(init_from, trust_remote_code=bool(cfg.llm.trust_remote_code))
             self.codes_initialised = bool(meta.get("codes_initialised"))
         else:
             vision, perceiver = load_stage1(stage1, cfg)
@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stage1 = require_export(Path(cfg.out_root) / cfg.run_name / "stage1" / "export", "stage1")
         stage2 = require_export(Path(cfg.init_from) if cfg.init_from else run_dir(cfg, "stage2") / "export",
                                 "stage2")
+    coded_digest = read_meta(stage2).get("coded_manifest_sha256")
+    if coded_digest and manifest_digest(stage2.parent / "coded") != coded_digest:
+        raise ExportError(f"{stage2.parent / 'coded'}: its manifest is not the one export {stage2} was written "
+                          "with (coded data from another stage-2 run); run make stage2 again")
     if not cfg.stage3.phases:
         raise ValueError("config key 'stage3.phases' is empty; list at least one of align, ground, instruct")
     FEATURES.max_bytes = int(float(cfg.stage3.feature_cache_mb) * 2**20)  # bounded at real scale
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if _finished(out, phase, cfg):
             log.info("phase %s: finished earlier (resume=auto), continuing from its export", phase)
             init, module = out / phase / "export", None
+            done = read_meta(init)
+            steps[phase], capped[phase] = int(done.get("global_step", 0)), bool(done.get("stopped_by_time_cap"))
             continue
         module = JointLLMModule(to_dict(cfg), phase, str(stage1), str(stage2), str(out / "tokenizer"),
                               str(init) if init else None, total_steps=pc.max_steps)
@@ -207,18 +213,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      ", ".join(f"val/{k} {v:.3f}" for k, v in val.items()))
             save_joint(module.model, init, cfg, {"phase": phase, "codes_initialised": module.codes_initialised,
                                                  "global_step": trainer.global_step,
+                                                 "stopped_by_time_cap": capped[phase],
                                                  **{f"val/{k}": v for k, v in val.items()}})
         trainer.strategy.barrier()
         timings[phase] = time.time() - tp
     if not rank0:
         return {}
     final = out / "export"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(init, final)
-    meta = json.loads((final / "meta.json").read_text())
+    meta = read_meta(init)
     meta.update(stage="stage3", phases=list(cfg.stage3.phases))
-    (final / "meta.json").write_text(json.dumps(meta, indent=2))
+    with staged_dir(final) as staged:  # the last phase's export, copied (hashed while copied) and swapped in
+        staged.copy_from(init, skip=("meta.json",))
+        staged.write_text("meta.json", json.dumps(meta, indent=2))
     model = module.model if module is not None else load_joint(final)[0]
     coded = module.coded if module is not None else CodedText(stage2.parent / "coded")
     tt = time.time()

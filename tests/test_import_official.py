@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from medsight.safeload import load_checkpoint
 from tests.test_open_clip import oracle_intermediates
 from tests.test_perceiver_reference import oracle, released_state
 
@@ -265,7 +266,7 @@ def test_refusals_name_the_problem(released, tmp_path):
 
     r = released["root"]
     perceiver_pt(tmp_path / "stacked.pt")
-    bad = torch.load(tmp_path / "stacked.pt", weights_only=False)
+    bad = load_checkpoint(tmp_path / "stacked.pt")
     bad["args"].num_stacks, bad["args"].use_self_attn = 2, True
     torch.save(bad, tmp_path / "stacked.pt")
     with pytest.raises(DataError, match="num_stacks=2, use_self_attn=True"):
@@ -375,7 +376,7 @@ def test_released_codebook_assigns_codes_like_the_reference(released, tmp_path):
     r = released["root"]
     g = torch.Generator().manual_seed(7)
     e = 16
-    stage2 = torch.load(r / "0079280.pt", weights_only=False)  # our own test file
+    stage2 = load_checkpoint(r / "0079280.pt")  # our own test file
     quant = {f"quantizer.codebooks.{k}.embedding.weight": torch.randn(CODES, e, generator=g) for k in range(GROUPS)}
     quant.update({f"region_perceiver.to_code.{i}.{p}": torch.randn(*shape, generator=g) * 0.3
                   for i, shapes in ((0, {"weight": (PDIM, PDIM), "bias": (PDIM,)}),

@@ -43,7 +43,7 @@ def test_fast_dev_run_writes_export(tiny_cfg, tmp_path):
     metrics = main(args)
     out = tmp_path / "t" / "stage1"
     assert {p.name for p in (out / "export").iterdir()} == {"vision.safetensors", "perceiver.safetensors",
-                                                             "config.yaml", "meta.json"}
+                                                             "config.yaml", "meta.json", "manifest.json"}
     saved = json.loads((out / "metrics.json").read_text())
     assert {"val/dice", "val/dice_oracle", "wall_time_s"} <= set(saved)
     assert any(k.startswith("val/dice_class/") for k in saved) and any(k.startswith("val/dice_group/") for k in saved)

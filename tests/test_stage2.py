@@ -64,6 +64,7 @@ def test_strict_load_fails_on_dimension_mismatch(tmp_path, tiny_root):
     other = load_config("stage1", overrides=_overrides(tiny_root, tmp_path / "o", "perceiver.ff_mult=2"))
     save_file({k: v.contiguous() for k, v in stage1_components(other)["perceiver"].state_dict().items()},
               str(export / "perceiver.safetensors"))
+    (export / "manifest.json").unlink()  # (with its manifest the replaced file is refused before loading)
     cfg = load_config("stage2", overrides=_overrides(tiny_root, tmp_path))
     with pytest.raises(ExportError, match=r"component 'perceiver' .*shape mismatches"):
         CodebookModule(_plain(cfg), str(export))
@@ -152,7 +153,7 @@ def test_stage2_fast_dev_run(tmp_path, tiny_root):
     metrics = main(_overrides(tiny_root, tmp_path, "trainer.fast_dev_run=true"))
     out = tmp_path / "t" / "stage2"
     assert sorted(p.name for p in (out / "export").iterdir()) == [
-        "code_embeddings.safetensors", "codebook.safetensors", "config.yaml", "meta.json"]
+        "code_embeddings.safetensors", "codebook.safetensors", "config.yaml", "manifest.json", "meta.json"]
     meta = read_meta(out / "export")
     assert len(meta["code_tokens"]) == 4 * 8 and meta["code_tokens"][:2] == ["[C0_0]", "[C0_1]"]
     assert meta["code_tokens"][8] == "[C1_0]"  # modality-major

@@ -65,7 +65,8 @@ def test_phase_chain_exports_and_metrics(synthetic_root, tmp_path):
         assert json.loads((out / phase / "export" / "meta.json").read_text())["phase"] == phase
     files = {p.name for p in (out / "export").iterdir()}
     assert files == {"vision.safetensors", "perceiver.safetensors", "projector_v2t.safetensors",
-                     "projector_t2v.safetensors", "llm.safetensors", "llm", "tokenizer", "config.yaml", "meta.json"}
+                     "projector_t2v.safetensors", "llm.safetensors", "llm", "tokenizer", "config.yaml", "meta.json",
+                     "manifest.json"}
     saved = json.loads((out / "metrics.json").read_text())
     for k in ("test/closed_accuracy", "test/open_recall", "test/grounded_dice", "test/code_accuracy",
               "test/diagseg_recall", "test/diagseg_dice"):

@@ -182,13 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # optional GPU codec
     args = build_parser().parse_args(argv)
+    from medsight.atomic import OutputError
     from medsight.data import DataError
     from medsight.evaluate import EvalInputError
     from medsight.export import ExportError
 
     try:
         return _run(args)
-    except (EvalInputError, DataError, ExportError) as err:
+    except (EvalInputError, DataError, ExportError, OutputError) as err:
         message = str(err) or type(err).__name__
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
         message = f"{err.filename}: {err.strerror}" if err.filename else str(err)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from medsight.data.readers import MASK_TOKEN, SPLITS, Sample
+from medsight.resume import EpochBatches, mix_seed
 from medsight.vocab import CLASSES, code_token
 
 log = logging.getLogger("medsight")
@@ -133,8 +134,9 @@ def encode_regions(vision: nn.Module, perceiver: nn.Module, loader: Iterable[dic
 
 
 # ------------------------------------------------------------------------ training batches (stage 2)
-class BucketBatches(torch.utils.data.Sampler):
-    """Batches of images with the same number M > 0 of GT masks (the decode runs M queries per image)."""
+class BucketBatches(EpochBatches, torch.utils.data.Sampler):
+    """Batches of images with the same number M > 0 of GT masks (the decode runs M queries per image).
+    With shuffle, epoch e's order depends only on (seed, e), so a resumed run continues it (medsight.resume)."""
 
     def __init__(self, sizes: list[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
         self.batches: list[list[int]] = []
@@ -142,21 +144,25 @@ class BucketBatches(torch.utils.data.Sampler):
         for i, m in enumerate(sizes):
             if m > 0:
                 by_m[m].append(i)
-        self.by_m, self.batch_size, self.shuffle, self.rng = by_m, batch_size, shuffle, random.Random(seed)
+        self.by_m, self.batch_size, self.shuffle, self.seed = by_m, batch_size, shuffle, seed
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self, epoch: int = 0) -> list[list[int]]:
+        rng = random.Random(mix_seed(self.seed, epoch))
         out = []
         for idx in self.by_m.values():
             idx = list(idx)
             if self.shuffle:
-                self.rng.shuffle(idx)
+                rng.shuffle(idx)
             out += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
         if self.shuffle:
-            self.rng.shuffle(out)
+            rng.shuffle(out)
         return out
 
-    def __iter__(self):
-        return iter(self._batches())
+    def _epoch_items(self, epoch: int, skip: int) -> list[list[int]]:
+        return self._batches(epoch)[skip:]
+
+    def num_batches(self) -> int:
+        return len(self)
 
     def __len__(self) -> int:
         return sum(-(-len(v) // self.batch_size) for v in self.by_m.values())

@@ -67,6 +67,7 @@ class DataConfig:
     val_fraction: float = 0.15  # fraction of training CASES held out for validation (split by case)
     max_masks: int = 8  # cap on masks per image for segmentation batches
     on_error: str = "raise"  # raise | skip (skips are logged and counted)
+    max_pixels: int = 268435456  # largest image/volume (pixels/voxels, from its header) read; larger: DataError
     modality_groups: list[str] = field(default_factory=lambda: list(SYNTHETIC_MODALITY_GROUPS))
     cache: bool = True  # cache decoded images in memory
     cache_max_mb: float = 8192.0  # bound of that cache (least recently used out first); 211k images at 336 px: 71 GB
@@ -234,6 +235,8 @@ class TrainerConfig:
     max_epochs: int = -1
     max_steps: int = 1000
     max_time_s: Optional[float] = None  # wall-clock budget for fit(); checked by a callback
+    checkpoint_every_n_steps: Optional[int] = None  # also write ckpt/last.ckpt every this many steps (resume)
+    on_nonfinite: str = "stop"  # stop | skip: a non-finite loss stops the stage, or its batch is skipped and counted
     val_check_interval: Optional[int] = None  # in steps; None: once at the end of each epoch
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0

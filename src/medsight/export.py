@@ -3,23 +3,32 @@
 An export directory holds:
 - `<component>.safetensors` per component (e.g. `vision`, `perceiver`, `codebook`, `llm`),
 - `config.yaml`: the resolved config of the stage that wrote it,
-- `meta.json`: stage, dims, select_layer, class and modality lists, git sha, component list, extras.
-The next stage loads it strictly: a missing or unexpected key, or a shape mismatch, is an error that names it.
+- `meta.json`: stage, dims, select_layer, class and modality lists, git sha, component list, extras,
+- `manifest.json`: every other file with its size and sha256 (medsight.manifest), written last.
+The folder is built in a hidden staging folder and swapped into place complete (medsight.manifest), so the
+previous export stays loadable until the new one is whole. Loading verifies each file against the manifest
+(a flipped byte, a truncation or a missing file is refused, naming the file) and is strict: a missing or
+unexpected key, or a shape mismatch, is an error that names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from medsight.atomic import write_text
 from medsight.config import REPO_ROOT, from_dict, save_config, to_dict
+from medsight.manifest import StagedDir, recover, staged_dir, verify_file
 from medsight.vocab import CLASSES
 
 
@@ -41,16 +50,33 @@ def save_export(
     cfg: DictConfig,
     components: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
     extra_meta: Optional[dict[str, Any]] = None,
+    extra_files: Optional[Callable[[Path], None]] = None,
+    in_place: bool = False,
 ) -> Path:
-    """Write each component's state dict to `<name>.safetensors`, plus config.yaml and meta.json."""
+    """Write each component's state dict to `<name>.safetensors` (hashed while streamed to disk), config.yaml,
+    meta.json, whatever `extra_files(folder)` writes into the folder, and the manifest; then swap the folder
+    into place (medsight.manifest.staged_dir). `in_place=True` (a writer that adds its own files to a new
+    folder, e.g. the official import): write straight into `export_dir`, no manifest; the caller finishes
+    with `medsight.manifest.write_manifest(export_dir)` once every file is there."""
     export_dir = Path(export_dir)
+    with (_in_place(export_dir) if in_place else staged_dir(export_dir)) as out:
+        for name, comp in components.items():
+            state = comp.state_dict() if isinstance(comp, torch.nn.Module) else comp
+            out.write_safetensors(f"{name}.safetensors", {k: v.detach() for k, v in state.items()})
+        save_config(cfg, out.path / "config.yaml")
+        if extra_files is not None:
+            extra_files(out.path)
+        out.write_text("meta.json", json.dumps(_meta(cfg, components, extra_meta), indent=2))
+    return export_dir
+
+
+@contextlib.contextmanager
+def _in_place(export_dir: Path) -> Iterator[StagedDir]:
     export_dir.mkdir(parents=True, exist_ok=True)
-    for name, comp in components.items():
-        state = comp.state_dict() if isinstance(comp, torch.nn.Module) else comp
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        # safetensors refuses shared storage: clone every tensor
-        save_file({k: v.clone() for k, v in state.items()}, str(export_dir / f"{name}.safetensors"))
-    save_config(cfg, export_dir / "config.yaml")
+    yield StagedDir(export_dir)
+
+
+def _meta(cfg: DictConfig, components: dict[str, Any], extra_meta: Optional[dict[str, Any]]) -> dict[str, Any]:
     meta = {
         "stage": cfg.stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -66,39 +92,51 @@ def save_export(
         "modality_groups": list(cfg.data.modality_groups),
     }
     meta.update(extra_meta or {})
-    (export_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    return export_dir
+    return meta
 
 
 def read_meta(export_dir: Path | str) -> dict[str, Any]:
+    recover(Path(export_dir))
     path = Path(export_dir) / "meta.json"
     if not path.is_file():
         raise ExportError(f"no export at {export_dir} (missing {path.name})")
-    return json.loads(path.read_text())
+    verify_file(export_dir, "meta.json")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
 
 
 def read_export_config(export_dir: Path | str) -> DictConfig:
     path = Path(export_dir) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"export {export_dir} has no config.yaml")
+    verify_file(export_dir, "config.yaml")
     return from_dict(OmegaConf.to_container(OmegaConf.load(path)))  # type: ignore[arg-type]
 
 
 def load_component(export_dir: Path | str, name: str) -> dict[str, torch.Tensor]:
     """The tensors of component `name`: `<name>.safetensors`, or the shards listed in
-    `<name>.safetensors.index.json` (big components; see save_component_shards)."""
+    `<name>.safetensors.index.json` (big components; see save_component_shards); every file is checked
+    against the export's manifest first."""
     path = Path(export_dir) / f"{name}.safetensors"
     index = Path(export_dir) / f"{name}.safetensors.index.json"
     if not path.is_file() and index.is_file():
+        verify_file(export_dir, index.name)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             if not (Path(export_dir) / shard).is_file():
                 raise ExportError(f"export {export_dir}: shard {shard} of component '{name}' is missing")
+            verify_file(export_dir, shard)
             state.update(load_file(str(Path(export_dir) / shard)))
         return state
     if not path.is_file():
         raise ExportError(f"export {export_dir} has no component '{name}' ({path.name} missing)")
-    return load_file(str(path))
+    verify_file(export_dir, path.name)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # an export without a manifest, damaged
+        raise ExportError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())[:160]})") from None
 
 
 def save_component_shards(export_dir: Path | str, name: str, shards: Iterable[dict[str, torch.Tensor]],
@@ -166,6 +204,7 @@ def check_compatible(meta: dict[str, Any], cfg: DictConfig, export_dir: Path | s
 def require_export(export_dir: Path | str, make_target: str) -> Path:
     """Fail with "run make <target> first" when the previous stage's export is missing."""
     export_dir = Path(export_dir)
+    recover(export_dir)
     if not (export_dir / "meta.json").is_file():
         raise ExportError(f"no export found at {export_dir}: run make {make_target} first")
     return export_dir
@@ -187,7 +226,7 @@ def write_metrics(run_dir: Path | str, metrics: dict[str, Any]) -> Path:
             return [clean(x) for x in v]
         return v
 
-    path.write_text(json.dumps(clean(metrics), indent=2, sort_keys=True))
+    write_text(path, json.dumps(clean(metrics), indent=2, sort_keys=True))  # atomically (medsight.atomic)
     return path
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from medsight.resume import EpochBatches, ResumableLoader
+
 
 class FeatureCache:
     """Frozen stage-1 outputs per image (keyed by the image tensor's bytes): (patch feats, region tokens).
@@ -72,9 +74,12 @@ class CodedText:
     order (the i-th code <-> the i-th mask)."""
 
     def __init__(self, coded_dir: Path | str) -> None:
+        from medsight.manifest import verify_file
+
         self.by_id: dict[str, list[dict]] = {}
         for kind in ("instruct", "diagseg"):
             for f in sorted((Path(coded_dir) / kind).glob("*.json")):
+                verify_file(coded_dir, f"{kind}/{f.name}")  # against coded/manifest.json (stage 2 writes it)
                 for r in json.loads(f.read_text()):
                     if "conversations" in r:
                         self.by_id[str(r["id"])] = r["conversations"]
@@ -116,7 +121,7 @@ def phase_data(cfg, phase: str):
     return MedicalDataModule(cfg, "instruct", sources=sources)
 
 
-class LengthGroupedBatches(torch.utils.data.Sampler):
+class LengthGroupedBatches(EpochBatches, torch.utils.data.Sampler):
     """Training batches of similar text length: a batch costs as much as its longest sequence, and mixing
     one-line VQA with three-turn dialogues would pad most of every batch. Shuffle, order pools of `pool`
     batches by length bucket (`bucket` characters; random inside a bucket), cut, shuffle the batches; each
@@ -126,13 +131,13 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         self.lengths, self.batch_size, self.seed, self.pool, self.epoch = lengths, batch_size, seed, pool, 0
         self.bucket = bucket  # characters per length bucket
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self, epoch: int | None = None) -> list[list[int]]:
         from medsight.train import per_device_batch
 
         world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.seed + (self.epoch if epoch is None else epoch))
         perm, bs = torch.randperm(len(self.lengths), generator=g).tolist(), per_device_batch(self.batch_size, world)
         batches = []
         for i in range(0, len(perm), self.pool * bs):
@@ -142,10 +147,11 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
         return batches[: len(batches) // world * world][rank::world]
 
-    def __iter__(self):
-        batches = self._batches()
-        self.epoch += 1
-        return iter(batches)
+    def _epoch_items(self, epoch: int, skip: int) -> list[list[int]]:
+        return self._batches(epoch)[skip:]  # epoch e's batches depend on (seed, e) only (medsight.resume)
+
+    def num_batches(self) -> int:
+        return len(self._batches())
 
     def __len__(self) -> int:
         return len(self._batches())
@@ -158,5 +164,4 @@ def phase_loader(cfg, phase: str) -> torch.utils.data.DataLoader:
     lengths = [sum(len(t["value"]) for t in s.conversations) if s.conversations else
                len(s.question or "") + len(s.answer or "") for s in ds.samples]
     sampler = LengthGroupedBatches(lengths, int(cfg.data.batch_size), seed=int(cfg.seed))
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=dm.collate_fn,
-                                       num_workers=int(cfg.data.num_workers))
+    return ResumableLoader(ds, batch_sampler=sampler, collate_fn=dm.collate_fn, num_workers=int(cfg.data.num_workers))

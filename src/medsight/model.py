@@ -29,6 +29,7 @@ from medsight.export import (
     read_meta,
     save_export,
 )
+from medsight.manifest import verify_folder
 from medsight.models.joint import MedSightLM, apply_lora
 from medsight.vocab import CLASSES
 
@@ -119,23 +120,39 @@ def save_joint(model: MedSightLM, export_dir: Path | str, cfg: DictConfig, extra
     meta = {"code_tokens": model.code_tokens, "code_ids": model.code_ids.tolist(), "lora": lora,
             "llm": cfg.llm.name, "hidden_size": model.causal_lm().config.hidden_size}
     meta.update(extra_meta or {})
-    save_export(export_dir, cfg, comps, meta)
-    v = cfg.vision
-    if v.name == "hf" and v.path and not Path(v.path).is_absolute() and hasattr(model.vision, "model"):
-        model.vision.model.config.save_pretrained(str(export_dir / v.path))  # an imported export's vision_config/
-    model.causal_lm().config.save_pretrained(str(export_dir / "llm"))
-    model.tokenizer.save_pretrained(str(export_dir / "tokenizer"))
+
+    def hf_files(folder: Path) -> None:  # inside the staging folder: listed in the manifest, swapped in with it
+        v = cfg.vision
+        if v.name == "hf" and v.path and not Path(v.path).is_absolute() and hasattr(model.vision, "model"):
+            model.vision.model.config.save_pretrained(str(folder / v.path))  # an imported export's vision_config/
+        model.causal_lm().config.save_pretrained(str(folder / "llm"))
+        model.tokenizer.save_pretrained(str(folder / "tokenizer"))
+
+    save_export(export_dir, cfg, comps, meta, extra_files=hf_files)
     return export_dir
 
 
-def load_joint(export_dir: Path | str, device: str = "cpu") -> tuple[MedSightLM, DictConfig, dict]:
-    """(model, config, meta) from a joint export, every component strictly loaded."""
+def load_joint(export_dir: Path | str, device: str = "cpu",
+               trust_remote_code: bool = False) -> tuple[MedSightLM, DictConfig, dict]:
+    """(model, config, meta) from a joint export, every component strictly loaded. Code shipped with the
+    export's LLM config runs only with `trust_remote_code=True` from the caller: the export's own
+    config.yaml (data) cannot switch it on."""
     from medsight.models import export_stage1_components
 
     export_dir = Path(export_dir)
     meta, cfg = read_meta(export_dir), read_export_config(export_dir)
+    if cfg.llm.trust_remote_code and not trust_remote_code:
+        log.warning("%s: its config sets llm.trust_remote_code, ignored (pass trust_remote_code=True to run code "
+                    "that comes with an export you trust)", export_dir)
+    cfg.llm.trust_remote_code = bool(trust_remote_code)
     if "code_tokens" not in meta or not (export_dir / "llm").is_dir():
         raise FileNotFoundError(f"{export_dir} is not a stage-3 (joint model) export")
+    subs = ["llm/", "tokenizer/"]  # read by Hugging Face: checked against the manifest first
+    vp = cfg.vision.path
+    if vp and not Path(vp).is_absolute() and (export_dir / vp).is_dir():
+        subs.append(Path(vp).as_posix().rstrip("/") + "/")  # an imported export's vision_config/
+    for sub in subs:
+        verify_folder(export_dir, sub)
     comps = export_stage1_components(cfg, export_dir)
     for name, module in comps.items():
         load_into(module, export_dir, name)

@@ -112,10 +112,6 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
             slice_index: int | None = None, axis: int = 2, window: str | None = None,
             model: Any = None, device: str | None = None) -> dict:
     """Answer `question` about `image` with the export and write answer.json, masks and overlay.png."""
-    from PIL import Image
-
-    from medsight.data.io import write_mask
-
     if not question.strip():
         raise DataError("--question is empty", field="question")
     rgb, geometry = _read(image, slice_index, axis, window)  # before loading the model: fail fast
@@ -127,7 +123,25 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
         model = medsight.load(export, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     answer = model.answer(rgb, question)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_answer(out, answer, rgb, geometry, question, image)
+    except OSError as err:  # full disk, unwritable folder: one line naming the path
+        from medsight.atomic import OutputError, describe_os_error
+
+        raise OutputError(describe_os_error(getattr(err, "filename", None) or out, err)) from None
+
+
+def _write_answer(out: Path, answer: dict, rgb: np.ndarray, geometry: Any, question: str, image: Any) -> dict:
+    """answer.json is the entry point of the folder: the old one goes first, every file is written
+    atomically (medsight.atomic) and answer.json last, so a reader never finds an answer.json that refers
+    to missing or half-written masks (a failure leaves no answer.json)."""
+    from PIL import Image
+
+    from medsight.atomic import atomic_file, check_writable, write_text
+    from medsight.data.io import write_mask
+
+    check_writable(out)
+    (out / "answer.json").unlink(missing_ok=True)
     for stale in [*out.glob("mask_*.png"), *out.glob("mask_*.nii.gz")]:  # from an earlier answer
         stale.unlink()
     regions = []
@@ -136,16 +150,18 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
         if mask.shape != rgb.shape[:2]:
             raise RuntimeError(f"region {i}: mask shape {mask.shape} is not the image size {rgb.shape[:2]}")
         files = {"png": f"mask_{i}.png"}
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / files["png"])
+        with atomic_file(out / files["png"]) as f:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(f, format="PNG")
         if geometry.kind == "nifti":
             files["nifti"] = f"mask_{i}.nii.gz"
             write_mask(mask, geometry, out / files["nifti"])
         regions.append({"index": i, "code": region.get("code"), "class_name": region.get("class_name"),
                         "score": float(region.get("score", float("nan"))), "bbox": bbox_xywh(mask),
                         "area": int(mask.sum()), "mask_files": files})
-    draw_overlay(rgb, answer.get("regions", [])).save(out / "overlay.png")
+    with atomic_file(out / "overlay.png") as f:
+        draw_overlay(rgb, answer.get("regions", [])).save(f, format="PNG")
     result = {"question": question, "image": str(image), "image_size": list(rgb.shape[:2]),
               "slice": geometry.slice_index, "axis": geometry.axis, "window": geometry.window,
               "text": answer["text"], "regions": regions}
-    (out / "answer.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    write_text(out / "answer.json", json.dumps(result, indent=1))
     return result

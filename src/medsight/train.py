@@ -17,9 +17,9 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from medsight.config import load_config, offline_env, parse_cli, run_dir, save_config
+from medsight.config import load_config, offline_env, parse_cli, run_dir
 
 log = logging.getLogger("medsight")
 
@@ -37,13 +37,15 @@ def process_start_time() -> float:
 def run_stage(main: Any) -> None:
     """`python -m stages.stageN` entry: a user error (missing export, bad config key, bad data) ends with one
     line naming the file/key and exit status 2, not a traceback; anything else propagates as usual."""
+    from medsight.atomic import OutputError
     from medsight.config import ConfigError
     from medsight.data import DataError
     from medsight.export import ExportError
+    from medsight.guards import NonFiniteLossError
 
     try:
         main()
-    except (ExportError, ConfigError, DataError) as err:
+    except (ExportError, ConfigError, DataError, OutputError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -67,8 +69,10 @@ def setup_run(stage: str, argv: Optional[list[str]] = None) -> tuple[DictConfig,
     inherit_for_stage(cfg, overlays, overrides)  # the architecture comes from the export this stage starts from
     seed_everything(cfg.seed)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    from medsight.atomic import check_writable, write_text
+
+    check_writable(out)  # an unwritable output folder: one line naming it, before any work
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     return cfg, out
 
 
@@ -165,10 +169,22 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from medsight.guards import nonfinite_guard
+    from medsight.resume import atomic_checkpoint_io, exact_resume
+
     t = cfg.trainer
     ckpt_dir = out / f"{subdir}ckpt"
-    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
-                           save_top_k=1 if monitor else 0, every_n_train_steps=None)]
+    # last.ckpt: its own callback, rewritten at every validation (or, without validation, at the end of fit) and
+    # every trainer.checkpoint_every_n_steps steps; Lightning 2.6's save_last=True rewrites it only when the
+    # best checkpoint improves, which would resume from an old step
+    every = int(t.checkpoint_every_n_steps) if t.checkpoint_every_n_steps else None
+    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, save_last=False,
+                           enable_version_counter=False, every_n_train_steps=every)]
+    if monitor:
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=False,
+                                   save_top_k=1, enable_version_counter=False))
+    cbs.append(exact_resume(int(cfg.seed)))  # per-step seeds, sampler positions (medsight.resume)
+    cbs.append(nonfinite_guard(str(t.on_nonfinite)))  # NaN/inf loss: stop naming step + part, or skip (counted)
     budget = max_time_s if max_time_s is not None else t.max_time_s
     if budget:
         cbs.append(wall_clock_budget(float(budget)))
@@ -194,6 +210,7 @@ def build_trainer(cfg: DictConfig, out: Path, monitor: Optional[str] = None, mod
         logger=TensorBoardLogger(str(out), name="tb", version=subdir.rstrip("/") or None, default_hp_metric=False),
         callbacks=cbs,
         deterministic=False,
+        plugins=[atomic_checkpoint_io()],  # last.ckpt written atomically, read with weights_only
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -222,11 +239,14 @@ def resume_checkpoint(cfg: DictConfig, out: Path, subdir: str = "") -> Optional[
         if last.is_file():
             log.info("resuming from %s", last)
             return str(last)
-        log.info("resume=auto: no %s yet, starting fresh", last)
+        log.warning("resume=auto: nothing to resume (no %s); starting from scratch", last)
         return None
     path = Path(cfg.resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+        from medsight.config import ConfigError
+
+        raise ConfigError(f"config key 'resume': checkpoint {path} not found (use resume=auto for this run's "
+                          "last.ckpt)")
     return str(path)
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from medsight.data import DataError
 from medsight.data.formats import get_format, read_format
 from medsight.data.formats.common import as_path_map
-from medsight.data.io import read_image, read_mask
+from medsight.data.io import read_image, read_mask, set_max_pixels
 from medsight.data.readers import (
     ErrorPolicy,
     Sample,
@@ -289,7 +289,10 @@ class MedicalDataset(Dataset):
                 self.policy(e)
         self.samples = keep
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any] | None:
+        sample_seed = None
+        if isinstance(i, tuple):  # (index, seed) from medsight.resume.SeededShuffle: reproducible augmentation
+            i, sample_seed = i
         s = self.samples[i]
         try:
             img, masks = self.store.get(s, self.with_masks)
@@ -299,6 +302,8 @@ class MedicalDataset(Dataset):
         labels = list(s.labels)
         if self.task == "segmentation" and self.max_masks is not None and masks.shape[0] > self.max_masks:
             masks, labels = masks[: self.max_masks], labels[: self.max_masks]
+        if sample_seed is not None:
+            self.transform.set_random_state(seed=int(sample_seed))
         with _single_thread():
             d = self.transform({"image": img, "masks": masks})
         masks = np.asarray(_plain(d["masks"])) if not isinstance(d["masks"], np.ndarray) else d["masks"]
@@ -382,6 +387,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.collate_fn = collate_fn or collate
         self.groups = list(cfg.data.modality_groups)
         self.policy = ErrorPolicy(cfg.data.on_error)
+        set_max_pixels(int(cfg.data.max_pixels))
         self.store = _Store(int(cfg.data.image_size), bool(cfg.data.cache), float(cfg.data.get("cache_max_mb", 8192.0)))
         self._datasets: dict[str, MedicalDataset] = {}
 
@@ -493,7 +499,14 @@ class MedicalDataModule(L.LightningDataModule):
             trainer = getattr(self, "trainer", None)
             bs = per_device_batch(bs, trainer.world_size if trainer is not None else 1)
         nw = int(self.cfg.data.num_workers)
-        return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=train and len(ds) > bs, num_workers=nw,
+        if train:  # the order of epoch e depends only on (seed, e); resumable mid-epoch (medsight.resume)
+            from medsight.resume import ResumableLoader, SeededShuffle
+
+            drop = len(ds) > bs
+            return ResumableLoader(ds, batch_size=bs, sampler=SeededShuffle(len(ds), bs, drop, int(self.cfg.seed)),
+                                   drop_last=drop, num_workers=nw, collate_fn=self.collate_fn,
+                                   persistent_workers=nw > 0)
+        return DataLoader(ds, batch_size=bs, shuffle=False, drop_last=False, num_workers=nw,
                           collate_fn=self.collate_fn, persistent_workers=nw > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -33,6 +33,67 @@ WINDOWS: dict[str, tuple[float, float]] = {
 }
 Window = Union[None, str, tuple[float, float]]  # noqa: UP007 (runtime alias)
 
+#: Largest image / volume (pixels or voxels, from the file's header) read before anything is decoded: a
+#: header claiming more, e.g. a decompression bomb, is a DataError (config `data.max_pixels`).
+MAX_PIXELS = 1 << 28  # 268M: a 512 x 512 x 1024 CT volume, a 16k x 16k slide
+
+
+def set_max_pixels(n: int) -> None:
+    """Set the limit (`data.max_pixels`, applied by the DataModule and `medsight predict`)."""
+    global MAX_PIXELS
+    if int(n) < 1:
+        raise DataError(f"data.max_pixels must be >= 1, got {n}", field="data.max_pixels")
+    MAX_PIXELS = int(n)
+
+
+def _check_size(path: str, shape: Any, what: str) -> None:
+    dims = [int(d) for d in shape if d is not None]
+    n = 1
+    for d in dims:
+        if d < 0:
+            raise DataError(f"{path}: {what} header has a negative size {tuple(dims)}", path=path, field="shape")
+        n *= max(d, 1)
+    if n > MAX_PIXELS:
+        raise DataError(f"{path}: {what} header claims {tuple(dims)} = {n:,} pixels/voxels, more than "
+                        f"data.max_pixels={MAX_PIXELS:,} (a huge or malformed file; raise the limit if it is real)",
+                        path=path, field="shape")
+
+
+def _check_header(path: str, kind: str) -> None:
+    """Refuse, from the header alone, an image whose pixel count exceeds MAX_PIXELS (nothing decoded yet).
+    A header the library cannot parse is left to the reader (which raises a DataError)."""
+    if kind == "png":
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:  # lazy: reads the header only
+                size = im.size
+        except Image.DecompressionBombError as e:  # PIL's own limit (~179M pixels) said it first
+            raise DataError(f"{path}: refused as a decompression bomb ({e}); data.max_pixels={MAX_PIXELS:,}",
+                            path=path, field="shape") from None
+        except Exception:  # noqa: BLE001 - unreadable header: the reader below reports it
+            return
+        _check_size(path, size, "image")
+    elif kind == "nifti":
+        try:
+            import nibabel as nib
+
+            shape = nib.load(path).header.get_data_shape()
+        except Exception:  # noqa: BLE001 - unreadable header: the reader below reports it
+            return
+        _check_size(path, shape, "NIfTI")
+    else:
+        try:
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            dims = (ds.get("Rows", 0) or 0, ds.get("Columns", 0) or 0, ds.get("NumberOfFrames", 1) or 1)
+            dims = tuple(int(d) for d in dims)
+        except Exception:  # noqa: BLE001 - unreadable header: the reader below reports it
+            return
+        _check_size(path, dims, "DICOM")
+
+
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -155,6 +216,8 @@ def read_image(path: str | Path, slice_index: int | None = None, axis: int = 2,
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found", path=path)
     kind = image_kind(path)
+    if os.path.isfile(path):
+        _check_header(path, kind)
     if kind == "png":
         arr = _read_png(path)
         if arr.dtype != np.uint8:
@@ -238,6 +301,8 @@ def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None,
     kind = image_kind(path)
     try:
         if kind == "png":
+            if os.path.isfile(path):
+                _check_header(path, kind)
             m = _read_png(path)
             if m.ndim == 3:
                 m = m[..., 0]

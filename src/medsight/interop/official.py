@@ -262,6 +262,7 @@ def import_official(perceiver: str | Path, llm: str | Path, vision: str | Path, 
     from medsight.config import load_config
     from medsight.export import save_component_shards, save_export
     from medsight.interop.reference_perceiver import map_reference_perceiver
+    from medsight.manifest import write_manifest
     from medsight.models.backbones import HFVisionEncoder, load_hf_vision
     from medsight.models.llm import QWEN_CHAT_TEMPLATE, load_tokenizer
     from medsight.models.perceiver import build_perceiver
@@ -403,7 +404,7 @@ def import_official(perceiver: str | Path, llm: str | Path, vision: str | Path, 
     for comp, module in (("projector_v2t", v2t), ("projector_t2v", t2v)):
         module.load_state_dict({k: v.float() for k, v in parts[comp].items()}, strict=True)
     save_export(out, cfg, {"vision": encoder, "perceiver": perceiver_model, "projector_v2t": v2t,
-                           "projector_t2v": t2v, **extra}, meta)
+                           "projector_t2v": t2v, **extra}, meta, in_place=True)  # manifest written last, below
     meta_path = out / "meta.json"
     meta_full = json.loads(meta_path.read_text())
     meta_full["components"] = sorted([*meta_full["components"], "llm"])
@@ -413,6 +414,7 @@ def import_official(perceiver: str | Path, llm: str | Path, vision: str | Path, 
     tokenizer.save_pretrained(str(out / "tokenizer"))
     if (out / "_vision_converted").exists():
         shutil.rmtree(out / "_vision_converted")
+    write_manifest(out)  # every file above, hashed; written last (a folder without it was not finished)
     if placeholders:
         log.warning("modality groups without a known name (placeholders): %s; name them with --groups",
                     ", ".join(f"group{g}" for g in placeholders))

@@ -60,7 +60,9 @@ class MaskDice(Metric):
             if valid.numel() == 0:
                 continue
             # only this image's N query maps are upsampled to the GT size, in evaluation only
-            logits = F.interpolate(pred_masks[b:b + 1].float(), size=size, mode="bilinear", align_corners=False)[0]
+            # float32 and clamped first: fp16 logits that overflowed to +-inf would interpolate to inf - inf = NaN
+            logits = F.interpolate(pred_masks[b:b + 1].float().clamp(-1e4, 1e4), size=size, mode="bilinear",
+                                   align_corners=False)[0]
             pred = (logits.sigmoid() > self.threshold).flatten(1).float()  # (N, S*S)
             gt = (masks[b, valid] > 0.5).flatten(1).float()  # (G, S*S)
             all_dice = pairwise_binary_dice(pred, gt)  # (N, G)

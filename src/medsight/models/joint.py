@@ -84,7 +84,9 @@ def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 # -------------------------------------------------------------------------------------- mask loss
 def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair Dice and BCE (n, H, W) -> (n,), (n,); an empty target contributes 0 to both (SPEC 5)."""
+    """Per-pair Dice and BCE (n, H, W) -> (n,), (n,); an empty target contributes 0 to both (SPEC 5). In
+    float32: fp16/bf16 mask sums over many pixels overflow or lose precision."""
+    logits, target = logits.float(), target.float()
     p = logits.sigmoid().flatten(1)
     t = target.flatten(1)
     dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)

@@ -32,13 +32,17 @@ def loss_weights(loss_cfg: Any) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------- pairs
 def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-pair mean BCE: logits, targets (K, P) -> (K,)."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
+    """Per-pair mean BCE: logits, targets (K, P) -> (K,), in float32 (fp16/bf16 sums over many pixels lose
+    precision or overflow)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").mean(-1)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-pair soft Dice loss 1 - (2|p.t| + 1) / (|p| + |t| + 1): logits, targets (K, P) -> (K,)."""
-    p = logits.sigmoid()
+    """Per-pair soft Dice loss 1 - (2|p.t| + 1) / (|p| + |t| + 1): logits, targets (K, P) -> (K,), in float32
+    (an fp16 mask sum over > 65504 pixels would overflow to inf and give NaN). An empty target scores
+    1 - 1 / (|p| + 1): 0 for an empty prediction."""
+    p = logits.float().sigmoid()
+    targets = targets.float()
     return 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
 
 
@@ -143,7 +147,13 @@ class SetCriterion(nn.Module):
         xm, tm = x[bi, pi].float(), t[bi, gi].float()  # (K, P)
         target_cls = torch.full(pred["pred_logits"].shape[:2], self.num_classes, dtype=torch.long, device=x.device)
         target_cls[bi, pi] = labels[bi, gi]
-        loss_class = F.cross_entropy(pred["pred_logits"].float().transpose(1, 2), target_cls, weight=self.class_weight)
+        logits = pred["pred_logits"].float().transpose(1, 2)  # (B, C+1, N)
+        if self.w["no_object"] == 0 and len(bi) == 0:
+            # all-background batch with no "no object" term: every target weighs 0 (weighted mean 0/0 = NaN);
+            # defined as 0 (nothing to classify), keeping the graph
+            loss_class = logits.sum() * 0.0
+        else:
+            loss_class = F.cross_entropy(logits, target_cls, weight=self.class_weight)
         parts = {"loss_class": loss_class, "loss_bce": sigmoid_bce_loss(xm, tm).sum() / num,
                  "loss_dice": dice_loss(xm, tm).sum() / num}
         parts["loss"] = (self.w["class"] * parts["loss_class"] + self.w["bce"] * parts["loss_bce"]
