@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from medsight.config import from_dict, run_dir, to_dict
-from medsight.export import load_component, read_meta, require_export, write_metrics
+from medsight.export import lineage, load_component, read_meta, require_export, update_meta, write_metrics
 from medsight.joint_data import CodedText, FeatureCache, phase_loader
 from medsight.joint_eval import evaluate
 from medsight.model import build_joint, load_joint, save_joint
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(final)
     shutil.copytree(init, final)
     meta = json.loads((final / "meta.json").read_text())
-    meta.update(stage="stage3", phases=list(cfg.stage3.phases))
+    meta.update(stage="stage3", phases=list(cfg.stage3.phases), lineage=lineage(stage1, stage2))
     (final / "meta.json").write_text(json.dumps(meta, indent=2))
     model = module.model if module is not None else load_joint(final)[0]
     coded = module.coded if module is not None else CodedText(stage2.parent / "coded")
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
                **{f"time/{p}_s": t for p, t in timings.items()}, "wall_time_s": time.time() - t0}
     write_metrics(out, metrics)
+    update_meta(final, test_metrics={k: float(v) for k, v in metrics.items() if k.startswith("test/")})
     log.info("stage 3 done in %.0f s: %s; export %s", metrics["wall_time_s"],
              ", ".join(f"{k} {v:.3f}" for k, v in test.items()), final)
     return metrics

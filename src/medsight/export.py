@@ -76,6 +76,31 @@ def read_meta(export_dir: Path | str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def lineage(*export_dirs: Path | str) -> list[dict[str, Any]]:
+    """The stage lineage of exports made from `export_dirs`: each input's own lineage (meta "lineage"), then
+    one entry for it {"stage", "path", "created", "git_sha", "data"}, earlier stages first, without repeats."""
+    entries: list[dict[str, Any]] = []
+    for d in export_dirs:
+        meta = read_meta(d)
+        cfg_path = Path(d) / "config.yaml"
+        data = OmegaConf.to_container(OmegaConf.load(cfg_path).get("data", {})) if cfg_path.is_file() else {}
+        own = {"stage": meta.get("stage"), "path": str(d), "created": meta.get("created"),
+               "git_sha": meta.get("git_sha"),
+               "data": {k: data.get(k) for k in ("format", "root", "modality_groups") if k in data}}
+        for e in [*meta.get("lineage", []), own]:
+            if e not in entries:
+                entries.append(e)
+    return entries
+
+
+def update_meta(export_dir: Path | str, **fields: Any) -> dict[str, Any]:
+    """Add or replace top-level fields of an export's meta.json; returns the new meta."""
+    meta = read_meta(export_dir)
+    meta.update(fields)
+    (Path(export_dir) / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
 def read_export_config(export_dir: Path | str) -> DictConfig:
     path = Path(export_dir) / "config.yaml"
     if not path.is_file():
@@ -160,5 +185,5 @@ def write_metrics(run_dir: Path | str, metrics: dict[str, Any]) -> Path:
 
 __all__ = [
     "ExportError", "save_export", "read_meta", "read_export_config", "load_component", "load_into",
-    "check_compatible", "require_export", "write_metrics", "to_dict",
+    "check_compatible", "require_export", "write_metrics", "to_dict", "lineage", "update_meta",
 ]

@@ -1,5 +1,6 @@
-"""Inference: `medsight.load(export_dir)` -> `MedSight`, whose `answer(image, question)` returns the text and
-one mask per emitted region code (SPEC section 5), plus the export format of the joint model.
+"""Inference: `medsight.load(export_dir)` -> `MedSight`, whose `answer(image, question, history=None)` returns
+the text and one region (mask, class, score, box) per emitted region code (SPEC section 5), plus the export
+format of the joint model.
 
 A stage-3 export directory (`checkpoints/<run>/stage3/export/`) holds:
 - `vision.safetensors`, `perceiver.safetensors` (stage 1, frozen), `projector_v2t.safetensors`,
@@ -155,30 +156,66 @@ class MedSight:
         model, cfg, meta = load_joint(export_dir, device)
         return cls(model, cfg, meta, device)
 
-    def answer(self, image: np.ndarray, question: str) -> dict[str, Any]:
-        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box"}]}."""
-        return self.answer_batch([image], [question])[0]
+    def answer(self, image_or_images: np.ndarray | Sequence[np.ndarray], question: str,
+               history: Sequence[dict] | None = None) -> dict[str, Any]:
+        """Answer `question` about one (H, W, 3) uint8 image (or a list holding one), optionally after earlier
+        turns `history` (LLaVA form: [{"from": "human"|"gpt", "value": str}, ...], human first, ending with the
+        model's turn; the image belongs to the first human turn).
+
+        Returns {"text", "regions"}: per emitted code token, in order, {"code", "class_name", "score", "box"
+        [x0, y0, x1, y1) or None, "area", "image_index", "mask" (H, W) bool at the input size} (`regions_of`).
+        """
+        images = [image_or_images] if isinstance(image_or_images, np.ndarray) else list(image_or_images)
+        if len(images) != 1:
+            raise ValueError(f"answer() takes one image, got {len(images)}: questions about several images "
+                             "at once are not supported by this model yet")
+        return self.answer_batch(images, [question], histories=[history])[0]
 
     @torch.no_grad()
-    def answer_batch(self, images: Sequence[np.ndarray], questions: Sequence[str], batch_size: int = 16) -> list[dict]:
+    def answer_batch(self, images: Sequence[np.ndarray], questions: Sequence[str], batch_size: int = 16,
+                     histories: Sequence[Sequence[dict] | None] | None = None) -> list[dict]:
+        """`answer` for many (image, question[, history]) pairs, `batch_size` at a time (greedy; the same
+        answers as one by one)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        histories = list(histories) if histories is not None else [None] * len(images)
+        if len(histories) != len(images):
+            raise ValueError(f"{len(images)} images but {len(histories)} histories")
         out: list[dict] = []
         for i in range(0, len(images), batch_size):
             imgs, qs = list(images[i:i + batch_size]), list(questions[i:i + batch_size])
             x = preprocess(imgs, self.cfg.data.image_size, self.cfg.data.mean, self.cfg.data.std).to(self.device)
             feats, regions = self.model.encode_images(x)
-            convs = [[{"from": "human", "value": q if "<image>" in q else "<image>\n" + q}] for q in qs]
+            convs = [conversation(q, h) for q, h in zip(qs, histories[i:i + batch_size])]
             preds = self.model.predict(feats, regions, convs, self.max_new_tokens)
             for img, p in zip(imgs, preds):
                 out.append({"text": p.text, "regions": regions_of(p, np.asarray(img).shape[:2])})
         return out
 
 
-def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
-    """Per emitted code: mask at `size` (bilinear logits, > 0), mean probability inside it, class name from the
-    perceiver's class head (argmax over real classes: neither background nor "no object") and the mask's box
-    [x0, y0, x1, y1) (None for an empty mask)."""
+def conversation(question: str, history: Sequence[dict] | None = None) -> list[dict]:
+    """The LLaVA-form conversation for the next answer: earlier turns, then `question`; the `<image>`
+    placeholder goes at the start of the first human turn unless a turn already has it."""
+    turns = [dict(t) for t in (history or [])]
+    for k, t in enumerate(turns):
+        if set(t) != {"from", "value"} or t["from"] not in ("human", "gpt") or not isinstance(t["value"], str):
+            raise ValueError(f"history turn {k}: expected {{'from': 'human'|'gpt', 'value': str}}, got {t!r}")
+        if t["from"] != ("human" if k % 2 == 0 else "gpt"):
+            raise ValueError(f"history turn {k}: turns alternate human, gpt, ... (got {t['from']!r})")
+    if len(turns) % 2:
+        raise ValueError("history ends with a human turn: it must end with the model's (gpt) answer")
+    turns.append({"from": "human", "value": question})
+    if not any("<image>" in t["value"] for t in turns):
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+    return turns
+
+
+def regions_of(pred, size: tuple[int, int], image_index: int = 0) -> list[dict[str, Any]]:
+    """The region schema, one dict per emitted code in order: "code"; "class_name" from the perceiver's class
+    head (argmax over real classes: neither background nor "no object"); "mask" (H, W) bool at `size`
+    (bilinear logits > 0); "score" the mean probability inside the mask (0.0 when empty); "box" the mask's
+    [x0, y0, x1, y1) in input pixels (None when empty); "area" its pixel count; "image_index" the image the
+    mask belongs to."""
     if not pred.codes:
         return []
     logits = F.interpolate(pred.mask_logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
@@ -188,11 +225,19 @@ def regions_of(pred, size: tuple[int, int]) -> list[dict[str, Any]]:
     for j, code in enumerate(pred.codes):
         mask = logits[j] > 0
         score = float(probs[j][mask].mean()) if mask.any() else 0.0
-        ys, xs = np.nonzero(mask.cpu().numpy())
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
-        regions.append({"code": code, "class_name": CLASSES.get(int(cls[j])), "mask": mask.cpu().numpy(),
-                        "score": score, "box": box})
+        m = mask.cpu().numpy()
+        regions.append({"code": code, "class_name": CLASSES.get(int(cls[j])), "score": score, "box": mask_box(m),
+                        "area": int(m.sum()), "image_index": int(image_index), "mask": m})
     return regions
 
 
-__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "regions_of", "save_joint"]
+def mask_box(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1) of a mask's foreground in pixels (end exclusive), None when empty."""
+    ys, xs = np.nonzero(np.asarray(mask))
+    if len(xs) == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+__all__ = ["MedSight", "build_joint", "conversation", "load_joint", "mask_box", "preprocess", "regions_of",
+           "save_joint"]

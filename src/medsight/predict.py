@@ -1,8 +1,9 @@
 """`medsight predict`: answer a question about one image and save what the answer points at.
 
 Writes into `out`:
-  answer.json   the text (with its code tokens) and, per region: code, class name (when known), score,
-                bounding box [x, y, w, h] and area in pixels, and the mask file(s);
+  answer.json   the text (with its code tokens) and, per region, the region schema of `MedSight.answer`
+                (code, class_name, score, box [x0, y0, x1, y1) in input pixels, area in pixels, image_index)
+                with `mask_files` in place of the mask;
   mask_<i>.png  one binary mask per region, at the input image's size;
   mask_<i>.nii.gz  for NIfTI input also the mask in the input volume's geometry (the chosen slice);
   overlay.png   the image with every mask tinted, outlined and labelled.
@@ -112,10 +113,6 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
             slice_index: int | None = None, axis: int = 2, window: str | None = None,
             model: Any = None, device: str | None = None) -> dict:
     """Answer `question` about `image` with the export and write answer.json, masks and overlay.png."""
-    from PIL import Image
-
-    from medsight.data.io import write_mask
-
     if not question.strip():
         raise DataError("--question is empty", field="question")
     rgb, geometry = _read(image, slice_index, axis, window)  # before loading the model: fail fast
@@ -126,6 +123,29 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
 
         model = medsight.load(export, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     answer = model.answer(rgb, question)
+    return write_answer(answer, rgb, geometry, question, out, image_label=str(image))
+
+
+def region_json(region: dict, mask_files: dict[str, str]) -> dict:
+    """One region of `MedSight.answer` as JSON (the same fields, `mask_files` in place of the mask); box
+    and area are recomputed from the mask so that answer.json always agrees with the mask files."""
+    from medsight.model import mask_box
+
+    mask = np.asarray(region["mask"], bool)
+    return {"code": region.get("code"), "class_name": region.get("class_name"),
+            "score": float(region.get("score", float("nan"))), "box": mask_box(mask), "area": int(mask.sum()),
+            "image_index": int(region.get("image_index", 0)), "mask_files": mask_files}
+
+
+def write_answer(answer: dict, rgb: np.ndarray, geometry: Any, question: str, out: str | Path,
+                 image_label: str) -> dict:
+    """Write answer.json, mask_<i>.png (+ mask_<i>.nii.gz for NIfTI input) and overlay.png into `out` for
+    `answer` (from `MedSight.answer`) about `rgb`; returns answer.json's content. `image_label` is what
+    answer.json names as the image (the path for the CLI)."""
+    from PIL import Image
+
+    from medsight.data.io import write_mask
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("mask_*.png"), *out.glob("mask_*.nii.gz")]:  # from an earlier answer
@@ -140,11 +160,9 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
         if geometry.kind == "nifti":
             files["nifti"] = f"mask_{i}.nii.gz"
             write_mask(mask, geometry, out / files["nifti"])
-        regions.append({"index": i, "code": region.get("code"), "class_name": region.get("class_name"),
-                        "score": float(region.get("score", float("nan"))), "bbox": bbox_xywh(mask),
-                        "area": int(mask.sum()), "mask_files": files})
+        regions.append(region_json(region, files))
     draw_overlay(rgb, answer.get("regions", [])).save(out / "overlay.png")
-    result = {"question": question, "image": str(image), "image_size": list(rgb.shape[:2]),
+    result = {"question": question, "image": image_label, "image_size": list(rgb.shape[:2]),
               "slice": geometry.slice_index, "axis": geometry.axis, "window": geometry.window,
               "text": answer["text"], "regions": regions}
     (out / "answer.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
