@@ -272,3 +272,30 @@ def test_cli_serve_help_and_bad_auth(capsys):
     assert all(o in text for o in ("--export", "--host", "--port", "--device", "--auth", "--concurrency"))
     assert cli.main(["serve", "--export", "x", "--auth", "nocolon"]) == 2
     assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_browser_upload_ask_overlay_legend_offline(served, tmp_path):
+    """Headless Debian chromium (DevTools protocol over a pipe, tests/cdp.py): upload a PNG, ask, and the page
+    shows the overlay and one legend line per region; every request of the page went to 127.0.0.1."""
+    from urllib.parse import urlparse
+
+    from medsight.predict import COLOURS
+    from tests.cdp import ask_in_page, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    app, url, _ = served
+    image = png(tmp_path / "page.png", 0)
+    shot = Path(__import__("os").environ.get("MEDSIGHT_SCREENSHOT", tmp_path / "app.png"))
+    result = ask_in_page(url, image, QUESTIONS[0], shot)
+    want = expected(app, image, QUESTIONS[0])
+    assert len(result["legend"]) == len(want["regions"]) > 0
+    for line, region in zip(result["legend"], want["regions"]):
+        assert region["code"] in line and (region["class_name"] or "") in line and f"score {region['score']:.2f}" in line
+    assert "**" not in result["chat"] and not any(r["code"] in result["chat"] for r in want["regions"])
+    outside = [u for u in result["urls"] if not u.startswith(("data:", "blob:")) and urlparse(u).hostname != "127.0.0.1"]
+    assert result["urls"] and outside == []
+    picture = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    for colour in COLOURS[:len(want["regions"])]:  # each region's colour is on screen (legend swatch, outline)
+        assert (np.abs(picture.astype(int) - colour).max(1) <= 2).sum() >= 100, colour

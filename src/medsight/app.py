@@ -318,10 +318,11 @@ class MedSightApp:
                         clear = gr.Button("New conversation")
                 with gr.Column(scale=1):
                     picture = gr.Image(label="Image and regions", type="filepath", interactive=False,
-                                       elem_id="ms-overlay", format="png")
+                                       elem_id="ms-overlay", format="png", buttons=["download", "fullscreen"])
                     legend = gr.HTML(legend_html([]), label="Legend")
                 with gr.Column(scale=1):
-                    chat = gr.Chatbot(label="Conversation", height=360, elem_id="ms-chat")
+                    chat = gr.Chatbot(label="Conversation", height=360, elem_id="ms-chat", buttons=["copy", "copy_all"],
+                                      feedback_options=None)
                     table = gr.Dataframe(headers=TABLE_HEADERS, label="Regions", interactive=False,
                                          elem_id="ms-table")
                     downloads = gr.File(label="Downloads: masks, answer.json, overlay", file_count="multiple",
