@@ -90,11 +90,15 @@ def assert_same(got_text, got_regions, files, want) -> None:
     assert "answer.json" in masks and json.loads(Path(masks["answer.json"]).read_text())["regions"] == got_regions
 
 
-def test_api_answers_png_and_dicom_like_answer(served, tmp_path):
+def test_api_answers_png_and_dicom_like_answer(served, tmp_path, caplog):
+    import logging
+
+    import pydicom
     from gradio_client import handle_file
 
+    caplog.set_level(logging.DEBUG)
     app, _, client = served
-    image = png(tmp_path / "scan.png", 0)
+    image = png(tmp_path / "doe_john_1961.png", 0)
     text, regions, files = client.predict(handle_file(str(image)), QUESTIONS[0], api_name="/answer")
     want = expected(app, image, QUESTIONS[0])
     assert want["regions"], "the test export should emit at least one region"
@@ -102,10 +106,16 @@ def test_api_answers_png_and_dicom_like_answer(served, tmp_path):
     json.dumps(regions)  # JSON-serialisable
     text, regions, files = client.predict(handle_file(ct_small()), QUESTIONS[1], api_name="/answer")
     assert_same(text, regions, files, expected(app, Path(ct_small()), QUESTIONS[1]))
+    # no DICOM header field in the outputs; no upload name in a log line or an output
+    answer_json = Path(next(f for f in files if f.endswith("answer.json"))).read_text()
+    header = pydicom.dcmread(ct_small(), stop_before_pixels=True)
+    for value in (str(header.PatientName), str(header.PatientID), str(header.StudyInstanceUID), "CT_small", "CT\""):
+        assert value not in answer_json, value
+    assert "doe_john" not in caplog.text and "CT_small" not in caplog.text
     # nothing of the uploads or the per-request folders is left on the server; the uploaded DICOM still exists
     assert list((app.root / "requests").iterdir()) == [] and Path(ct_small()).is_file()
     kept = [p.name for p in (app.root / "gradio").rglob("*") if p.is_file()]
-    assert not any(n in ("scan.png", "CT_small.dcm") or n.startswith("scan") for n in kept), kept
+    assert not any(n.startswith(("scan", "doe_john", "CT_small")) for n in kept), kept
 
 
 def test_api_errors_then_keeps_serving(served, tmp_path):

@@ -27,6 +27,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -409,6 +411,8 @@ def serve(export: str | Path, host: str = "127.0.0.1", port: int = 7860, device:
     model = medsight.load(export, device=device)
     app = MedSightApp(model, export, concurrency=concurrency)
     atexit.register(app.close)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` also removes the private folder
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes of its local URL
     demo = app.build()
     log.info("medsight serve: export %s on %s, http://%s:%d (%d request(s) at a time)", export, device, host, port,
              app.concurrency)
