@@ -25,7 +25,7 @@ import torch
 
 from medsight.config import from_dict, run_dir, to_dict
 from medsight.export import lineage, load_component, read_meta, require_export, update_meta, write_metrics
-from medsight.joint_data import CodedText, FeatureCache, phase_loader
+from medsight.joint_data import CodedText, FeatureCache, example_questions, phase_loader
 from medsight.joint_eval import evaluate
 from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(final)
     shutil.copytree(init, final)
     meta = json.loads((final / "meta.json").read_text())
-    meta.update(stage="stage3", phases=list(cfg.stage3.phases), lineage=lineage(stage1, stage2))
+    meta.update(stage="stage3", phases=list(cfg.stage3.phases), lineage=lineage(stage1, stage2),
+                example_questions=example_questions(cfg))
     (final / "meta.json").write_text(json.dumps(meta, indent=2))
     model = module.model if module is not None else load_joint(final)[0]
     coded = module.coded if module is not None else CodedText(stage2.parent / "coded")
