@@ -204,8 +204,12 @@ def test_page_errors_are_messages(served, tmp_path):
         list(app.on_ask("Q?", 0, 2, "nonsense", state, []))
     bad = tmp_path / "x.dcm"
     bad.write_bytes(b"garbage")
-    with pytest.raises(gr.Error, match="the upload"):
-        app.on_upload(str(bad), state)
+    with pytest.warns(UserWarning, match="the upload"):
+        state, *_, info, _, _, _, _ = app.on_upload(str(bad), state)
+    assert "Cannot use this file" in info and "the upload" in info and "scan" not in state
+    assert not Path(state["folder"]).exists() and not bad.exists()
+    with pytest.raises(gr.Error, match="upload an image first"):  # the earlier image is gone too
+        list(app.on_ask("Q?", 0, 2, "default", state, []))
 
 
 def dicom_series_zip(path: Path, n: int = 4, second_series: bool = False) -> Path:

@@ -200,10 +200,10 @@ class MedSightApp:
         try:
             scan = open_upload(file, state["folder"])
             rgb, geometry = scan.read()
-        except (DataError, ValueError) as err:
+        except (DataError, ValueError) as err:  # shown as a toast and next to the upload; nothing is kept
             remove_folder(state["folder"])
-            state["folder"] = None
-            raise gr.Error(str(err), print_exception=False) from None
+            gr.Warning(str(err))
+            return state, slider, axis, None, f"**Cannot use this file**: {err}", [], legend_html([]), [], None
         state["scan"] = scan
         if scan.is_volume:
             n = scan.num_slices(2 if scan.kind != "dicom" else 0)
