@@ -109,6 +109,9 @@ def about_markdown(meta: dict, cfg: Any, export_dir: str | Path) -> str:
              f"LLM `{meta.get('llm', cfg.llm.name)}`, {len(meta.get('code_tokens', []))} region code tokens"
              + (", LoRA" if meta.get("lora") else ""),
              f"**Data**: {cfg.data.format} at `{cfg.data.root}` (modality groups: {', '.join(cfg.data.modality_groups)})"]
+    if meta.get("lineage"):
+        lines.append("**Lineage** (the exports this one was trained from):")
+    lines = ["\n\n".join(lines)]
     for entry in meta.get("lineage", []):
         lines.append(f"- from {entry.get('stage')}: `{entry.get('path')}` (created {entry.get('created')}, "
                      f"git `{str(entry.get('git_sha'))[:10]}`)")
