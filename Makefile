@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install data stage1 stage2 stage3 eval predict demo test test-all bench lint tensorboard clean
+.PHONY: help install data stage1 stage2 stage3 eval predict serve demo test test-browser test-all bench lint tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,11 +47,18 @@ predict: install ## answer + segment one image: make predict IMAGE=x.png QUESTIO
 	$(VENV)/bin/medsight predict --export checkpoints/$(RUN)/stage3/export --image $(IMAGE) \
 		--question "$(QUESTION)" --out checkpoints/$(RUN)/predict
 
+serve: install ## the web app on http://127.0.0.1:7860 over the final export (ARGS="--port 8000 --auth u:p")
+	@test -f checkpoints/$(RUN)/stage3/export/meta.json || { echo "no stage-3 export: run make stage3 first"; exit 1; }
+	$(VENV)/bin/medsight serve --export checkpoints/$(RUN)/stage3/export $(ARGS)
+
 demo: install ## the whole job from nothing: data, stage1, stage2, stage3, eval, one prediction
 	$(PY) -m medsight.demo --run $(RUN) --data $(DATA)
 
 test: install ## the fast CPU test suite (a few minutes)
 	$(PY) -m pytest -q
+
+test-browser: install ## the web app in headless Chromium (needs Debian's chromium: apt-get install -y chromium)
+	$(PY) -m pytest -q -m browser
 
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -m "" 

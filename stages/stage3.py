@@ -23,8 +23,8 @@ import lightning as L
 import torch
 
 from medsight.config import from_dict, run_dir, to_dict
-from medsight.export import ExportError, load_component, read_meta, require_export, write_metrics
-from medsight.joint_data import CodedText, FeatureCache, phase_loader, select_rows
+from medsight.export import ExportError, lineage, load_component, read_meta, require_export, write_metrics
+from medsight.joint_data import CodedText, FeatureCache, example_questions, phase_loader, select_rows
 from medsight.joint_eval import evaluate
 from medsight.manifest import manifest_digest, staged_dir
 from medsight.model import build_joint, load_joint, save_joint
@@ -220,18 +220,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not rank0:
         return {}
     final = out / "export"
-    meta = read_meta(init)
-    meta.update(stage="stage3", phases=list(cfg.stage3.phases))
-    with staged_dir(final) as staged:  # the last phase's export, copied (hashed while copied) and swapped in
-        staged.copy_from(init, skip=("meta.json",))
-        staged.write_text("meta.json", json.dumps(meta, indent=2))
-    model = module.model if module is not None else load_joint(final)[0]
+    model = module.model if module is not None else load_joint(init)[0]
     coded = module.coded if module is not None else CodedText(stage2.parent / "coded")
     tt = time.time()
     test = evaluate(model, FEATURES, cfg, "test", coded, max_batches=cfg.stage3.test_batches)
     metrics = {**{f"test/{k}": v for k, v in test.items()}, "test_time_s": time.time() - tt,
                **{f"time/{p}_s": t for p, t in timings.items()}, "steps": steps, "stopped_by_time_cap": capped,
-               "seed": cfg.seed, "wall_time_s": time.time() - t0}
+               "seed": cfg.seed}
+    meta = read_meta(init)
+    meta.update(stage="stage3", phases=list(cfg.stage3.phases), lineage=lineage(stage1, stage2),
+                example_questions=example_questions(cfg),
+                test_metrics={k: float(v) for k, v in metrics.items() if k.startswith("test/")})
+    with staged_dir(final) as staged:  # the last phase's export (the model just tested), copied and swapped in
+        staged.copy_from(init, skip=("meta.json",))
+        staged.write_text("meta.json", json.dumps(meta, indent=2))
+    metrics["wall_time_s"] = time.time() - t0
     write_metrics(out, metrics)
     log.info("stage 3 done in %.0f s: %s; export %s", metrics["wall_time_s"],
              ", ".join(f"{k} {v:.3f}" for k, v in test.items()), final)

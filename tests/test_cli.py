@@ -151,7 +151,9 @@ def test_predict_png(tmp_path):
     res = predict("unused", image, "Please segment the tumor.", out, model=FakeModel())
     assert res["text"] == "There is a tumor [C0_1]."
     region = res["regions"][0]
-    assert (region["code"], region["class_name"], region["bbox"], region["area"]) == ("[C0_1]", "tumor", [0, 0, 8, 8], 64)
+    assert set(region) == {"code", "class_name", "score", "box", "area", "image_index", "mask_files"}
+    assert (region["code"], region["class_name"], region["area"], region["image_index"]) == ("[C0_1]", "tumor", 64, 0)
+    assert region["box"] == [0, 0, 8, 8]  # [x0, y0, x1, y1) of the top-left 8 x 8 quadrant
     assert region["score"] == pytest.approx(0.9)
     assert {p.name for p in out.iterdir()} == {"answer.json", "mask_0.png", "overlay.png"}
     assert np.asarray(Image.open(out / "mask_0.png")).sum() == 64 * 255

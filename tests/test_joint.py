@@ -208,7 +208,7 @@ def test_lora_instruct_save_reload_equal(tmp_path):
 def test_full_export_answer_format(tmp_path):
     """medsight.load on a (random) full export: strict load, answer structure, masks at the input size."""
     import medsight
-    from medsight.model import regions_of, save_joint
+    from medsight.model import preprocess, regions_of, save_joint
     from medsight.models.joint import Prediction
 
     model, cfg = small_joint(tmp_path)
@@ -220,14 +220,56 @@ def test_full_export_answer_format(tmp_path):
     assert len(outs) == 2 and all(set(o) == {"text", "regions"} for o in outs)
     pred = Prediction("the liver [C0_1]", [], ["[C0_1]"], torch.randn(1, 8, 8), torch.randn(1, 18))
     (r,) = regions_of(pred, (48, 40))
+    assert set(r) == {"code", "class_name", "score", "box", "area", "image_index", "mask"}
     assert r["mask"].shape == (48, 40) and r["mask"].dtype == bool and 0 <= r["score"] <= 1
+    assert r["area"] == int(r["mask"].sum()) and r["image_index"] == 0
     assert r["code"] == "[C0_1]" and r["class_name"] not in (None, "background")
     if r["mask"].any():
         x0, y0, x1, y1 = r["box"]
         assert r["mask"][y0:y1, x0:x1].sum() == r["mask"].sum()
+    # multi-turn: the history is part of the prompt (same as a hand-built conversation through predict)
+    img = np.full((48, 40, 3), 120, np.uint8)
+    history = [{"from": "human", "value": "Describe this image."}, {"from": "gpt", "value": outs[0]["text"]}]
+    follow = ms.answer(img, "Is there a tumor?", history=history)
+    assert ms.answer([img], "Is there a tumor?", history=history)["text"] == follow["text"]
+    x = preprocess([img], cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    conv = [{"from": "human", "value": "<image>\nDescribe this image."}, history[1],
+            {"from": "human", "value": "Is there a tumor?"}]
+    assert ms.model.predict(*ms.model.encode_images(x), [conv], ms.max_new_tokens)[0].text == follow["text"]
+    with pytest.raises(ValueError, match="one image, got 2"):
+        ms.answer([img, img], "Compare them.")
     with pytest.raises(Exception, match="missing"):
         (tmp_path / "export" / "projector_t2v.safetensors").unlink()
         medsight.load(tmp_path / "export")
+
+
+def test_region_schema_box_area_image_index():
+    """A hand-made mask (rows 2-3, columns 1-5 of 8 x 8): box [x0, y0, x1, y1) end-exclusive, area, index."""
+    from medsight.model import regions_of
+    from medsight.models.joint import Prediction
+
+    logits = torch.full((1, 8, 8), -5.0)
+    logits[0, 2:4, 1:6] = 5.0
+    pred = Prediction("[C1_0]", [], ["[C1_0]"], logits, torch.tensor([[0.0, 3.0] + [0.0] * 16]))
+    (r,) = regions_of(pred, (8, 8), image_index=2)
+    assert (r["box"], r["area"], r["image_index"], r["code"]) == ([1, 2, 6, 4], 10, 2, "[C1_0]")
+    assert r["score"] == pytest.approx(float(torch.sigmoid(torch.tensor(5.0))))
+    empty = Prediction("[C1_0]", [], ["[C1_0]"], torch.full((1, 8, 8), -5.0), torch.zeros(1, 18))
+    (e,) = regions_of(empty, (8, 8))
+    assert (e["box"], e["area"], e["score"]) == (None, 0, 0.0)
+
+
+def test_conversation_history_rules():
+    from medsight.model import conversation
+
+    assert conversation("Q?") == [{"from": "human", "value": "<image>\nQ?"}]
+    h = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "yes [C0_1]"}]
+    assert conversation("B?", h) == [{"from": "human", "value": "<image>\nA?"}, h[1], {"from": "human", "value": "B?"}]
+    assert h[0]["value"] == "A?"  # the caller's history is not modified
+    for bad, match in (([h[0]], "ends with a human turn"), ([h[1], h[0]], "alternate"),
+                       ([{"from": "human", "text": "x"}, h[1]], "turn 0")):
+        with pytest.raises(ValueError, match=match):
+            conversation("B?", bad)
 
 
 def test_inference_imports_no_lightning():

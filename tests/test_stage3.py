@@ -73,6 +73,13 @@ def test_phase_chain_exports_and_metrics(synthetic_root, tmp_path):
         assert 0.0 <= saved[k] <= 1.0, k
     assert saved["wall_time_s"] > 0 and {"time/align_s", "time/ground_s", "time/instruct_s"} <= set(saved)
     assert metrics["test/closed_accuracy"] == pytest.approx(saved["test/closed_accuracy"], abs=1e-6)
+    meta = json.loads((out / "export" / "meta.json").read_text())  # the export says where it came from
+    run = tmp_path / "t"  # (the fake stage-1/2 exports were written with a stage-3 config: their "stage" says so)
+    assert [e["path"] for e in meta["lineage"]] == [str(run / "stage1" / "export"), str(run / "stage2" / "export")]
+    assert meta["phases"] == ["align", "ground", "instruct"] and all(e["git_sha"] for e in meta["lineage"])
+    assert meta["lineage"][1]["data"]["root"] == str(synthetic_root)
+    assert 0 < len(meta["example_questions"]) <= 6 and not any("<image>" in q for q in meta["example_questions"])
+    assert meta["test_metrics"] == {k: pytest.approx(v, abs=1e-6) for k, v in saved.items() if k.startswith("test/")}
     # stage-1 weights really loaded; align trained only v->t, ground then the code rows (init from stage 2)
     s1 = load_component(tmp_path / "t" / "stage1" / "export", "perceiver")
     final = load_component(out / "export", "perceiver")

@@ -8,6 +8,7 @@
     medsight predict      --export DIR --image scan.nii.gz --slice 40 --question "..." --out DIR
     medsight convert open-clip unimed_clip.pt --out DIR [--model ViT-L-14-336-quickgelu]
     medsight import official --perceiver 0079280.pt --llm medsight_full_instruct --vision unimed.pt --out DIR
+    medsight serve        --export DIR [--host 127.0.0.1] [--port 7860] [--device cpu|cuda] [--auth user:pass]
 
 User errors (missing files, malformed lines, unmatched ids) print one line on stderr and exit with 2.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -114,11 +116,25 @@ def _add_import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget recorded in the export")
 
 
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="a local web app (Gradio) over an export, with an /answer API",
+                       description="Serve a web app over a stage-3 export: upload PNG/JPEG, DICOM, a zipped DICOM "
+                                   "series or NIfTI, ask questions, see and download the masks. Research use only.")
+    p.add_argument("--export", required=True, help="stage-3 export directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login (needed off localhost)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="answers computed at the same time; the others wait in the queue (default: 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsight", description="MedSIGHT: a medical VLM that answers and segments.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,predict,convert,import}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,predict,serve,convert,import}")
     _add_eval_parsers(sub)
     _add_predict_parser(sub)
+    _add_serve_parser(sub)
     _add_convert_parser(sub)
     _add_import_parser(sub)
     return parser
@@ -164,6 +180,13 @@ def _run(args: argparse.Namespace) -> int:
         result = {"export": args.out, "code_tokens": report["code_tokens"], "select_layer": report["select_layer"],
                   "modality_groups": report["modality_groups"], "placeholder_groups": report["placeholder_groups"],
                   "llm_unused": len(report["llm_unused"]), "vocab_rows_added": report["vocab_rows_added"]}
+    elif args.command == "serve":
+        from medsight.app import serve
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+        serve(args.export, host=args.host, port=args.port, device=args.device, auth=args.auth,
+              concurrency=args.concurrency)
+        return 0
     else:  # predict
         from medsight.predict import predict
 
@@ -175,8 +198,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `medsight` console script; returns the exit status."""
-    import logging
-
     import torch
 
     torch.set_flush_denormal(True)

@@ -107,6 +107,23 @@ def read_meta(export_dir: Path | str) -> dict[str, Any]:
         raise ExportError(f"{path}: not valid JSON ({err})") from None
 
 
+def lineage(*export_dirs: Path | str) -> list[dict[str, Any]]:
+    """The stage lineage of exports made from `export_dirs`: each input's own lineage (meta "lineage"), then
+    one entry for it {"stage", "path", "created", "git_sha", "data"}, earlier stages first, without repeats."""
+    entries: list[dict[str, Any]] = []
+    for d in export_dirs:
+        meta = read_meta(d)
+        cfg_path = Path(d) / "config.yaml"
+        data = OmegaConf.to_container(OmegaConf.load(cfg_path).get("data", {})) if cfg_path.is_file() else {}
+        own = {"stage": meta.get("stage"), "path": str(d), "created": meta.get("created"),
+               "git_sha": meta.get("git_sha"),
+               "data": {k: data.get(k) for k in ("format", "root", "modality_groups") if k in data}}
+        for e in [*meta.get("lineage", []), own]:
+            if e not in entries:
+                entries.append(e)
+    return entries
+
+
 def read_export_config(export_dir: Path | str) -> DictConfig:
     path = Path(export_dir) / "config.yaml"
     if not path.is_file():
@@ -232,6 +249,6 @@ def write_metrics(run_dir: Path | str, metrics: dict[str, Any]) -> Path:
 
 __all__ = [
     "ExportError", "save_export", "read_meta", "read_export_config", "load_component", "load_into",
-    "save_component_shards", "check_fits",
+    "save_component_shards", "check_fits", "lineage",
     "check_compatible", "require_export", "write_metrics", "to_dict",
 ]

@@ -165,3 +165,21 @@ def phase_loader(cfg, phase: str) -> torch.utils.data.DataLoader:
                len(s.question or "") + len(s.answer or "") for s in ds.samples]
     sampler = LengthGroupedBatches(lengths, int(cfg.data.batch_size), seed=int(cfg.seed))
     return ResumableLoader(ds, batch_sampler=sampler, collate_fn=dm.collate_fn, num_workers=int(cfg.data.num_workers))
+
+
+def example_questions(cfg, n: int = 6) -> list[str]:
+    """Up to `n` distinct opening questions of the grounded dialogues' test split (`data.instruct`, default
+    <root>/instruct), written into the final export's meta so that the web app can offer them; [] when the
+    split is missing or not in LLaVA form."""
+    path = Path(cfg.data.instruct or Path(cfg.data.root) / "instruct") / "test.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        firsts = [r["conversations"][0]["value"] for r in rows if r.get("conversations")]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return []
+    out: list[str] = []
+    for q in firsts:
+        q = " ".join(str(q).replace("<image>", " ").split())
+        if q and q not in out:
+            out.append(q)
+    return out[:n]

@@ -1,5 +1,6 @@
-"""Inference: `medsight.load(export_dir)` -> `MedSight`, whose `answer(image, question)` returns the text and
-one mask per emitted region code (SPEC section 5), plus the export format of the joint model.
+"""Inference: `medsight.load(export_dir)` -> `MedSight`, whose `answer(image, question, history=None)` returns
+the text and one region (mask, class, score, box) per emitted region code (SPEC section 5), plus the export
+format of the joint model.
 
 A stage-3 export directory (`checkpoints/<run>/stage3/export/`) holds:
 - `vision.safetensors`, `perceiver.safetensors` (stage 1, frozen), `projector_v2t.safetensors`,
@@ -205,31 +206,47 @@ class MedSight:
         model, cfg, meta = load_joint(export_dir, device)
         return cls(model, cfg, meta, device)
 
-    def answer(self, image: np.ndarray | Sequence[np.ndarray], question: str) -> dict[str, Any]:
-        """{"text", "regions": [{"code", "class_name", "mask" (H, W) bool at the input size, "score", "box",
-        "image_index"}]}. `image` may be a list of images (one answer about all of them; each region's
-        image_index says which image its mask is on: medsight.multi_image)."""
-        if isinstance(image, (list, tuple)):
+    def answer(self, image_or_images: np.ndarray | Sequence[np.ndarray], question: str,
+               history: Sequence[dict] | None = None) -> dict[str, Any]:
+        """Answer `question` about one (H, W, 3) uint8 image, optionally after earlier turns `history` (LLaVA
+        form: [{"from": "human"|"gpt", "value": str}, ...], human first, ending with the model's turn; the image
+        belongs to the first human turn), or about a list of images (one answer about all of them:
+        medsight.multi_image; each region's image_index says which image its mask is on).
+
+        Returns {"text", "regions"}: per emitted code token, in order, {"code", "class_name", "score", "box"
+        [x0, y0, x1, y1) or None, "area", "image_index", "mask" (H, W) bool at that image's size} (`regions_of`).
+        """
+        images = [image_or_images] if isinstance(image_or_images, np.ndarray) else list(image_or_images)
+        if len(images) > 1:
+            if history:
+                raise ValueError("answer(): multi-turn history is supported for one image, got "
+                                 f"{len(images)} images")
             from medsight.multi_image import answer_images
 
-            return answer_images(self, image, question)
-        return self.answer_batch([image], [question])[0]
+            return answer_images(self, images, question)
+        if not images:
+            raise ValueError("answer(): no image given")
+        return self.answer_batch(images, [question], histories=[history])[0]
 
     @torch.no_grad()
-    def answer_batch(self, images: Sequence[np.ndarray], questions: Sequence[str], batch_size: int = 16) -> list[dict]:
+    def answer_batch(self, images: Sequence[np.ndarray], questions: Sequence[str], batch_size: int = 16,
+                     histories: Sequence[Sequence[dict] | None] | None = None) -> list[dict]:
+        """`answer` for many (image, question[, history]) pairs, `batch_size` at a time (greedy; the same
+        answers as one by one)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        histories = list(histories) if histories is not None else [None] * len(images)
+        if len(histories) != len(images):
+            raise ValueError(f"{len(images)} images but {len(histories)} histories")
         out: list[dict] = []
         for i in range(0, len(images), batch_size):
             imgs, qs = list(images[i:i + batch_size]), list(questions[i:i + batch_size])
             x, crops = preprocess_for(self.cfg, imgs)
             feats, regions = self.model.encode_images(x.to(self.device))
-            convs = [[{"from": "human", "value": q if "<image>" in q else "<image>\n" + q}] for q in qs]
+            convs = [conversation(q, h) for q, h in zip(qs, histories[i:i + batch_size])]
             preds = self.model.predict(feats, regions, convs, self.max_new_tokens)
             for img, p, crop in zip(imgs, preds, crops):
-                regions = regions_of(p, np.asarray(img).shape[:2], crop)
-                for r in regions:
-                    r.setdefault("image_index", 0)  # one image per question here
+                regions = regions_of(p, np.asarray(img).shape[:2], crop)  # image_index 0: one image here
                 out.append({"text": p.text, "regions": regions})
         return out
 
@@ -245,10 +262,29 @@ def preprocess_for(cfg: DictConfig, images: Sequence[np.ndarray]) -> tuple[torch
     return preprocess(images, d.image_size, d.mean, d.std), [None] * len(images)
 
 
-def regions_of(pred, size: tuple[int, int], crop: Any = None) -> list[dict[str, Any]]:
-    """Per emitted code: mask at `size` (bilinear logits, > 0), mean probability inside it, class name from the
-    perceiver's class head (argmax over real classes: neither background nor "no object") and the mask's box
-    [x0, y0, x1, y1) (None for an empty mask)."""
+def conversation(question: str, history: Sequence[dict] | None = None) -> list[dict]:
+    """The LLaVA-form conversation for the next answer: earlier turns, then `question`; the `<image>`
+    placeholder goes at the start of the first human turn unless a turn already has it."""
+    turns = [dict(t) for t in (history or [])]
+    for k, t in enumerate(turns):
+        if set(t) != {"from", "value"} or t["from"] not in ("human", "gpt") or not isinstance(t["value"], str):
+            raise ValueError(f"history turn {k}: expected {{'from': 'human'|'gpt', 'value': str}}, got {t!r}")
+        if t["from"] != ("human" if k % 2 == 0 else "gpt"):
+            raise ValueError(f"history turn {k}: turns alternate human, gpt, ... (got {t['from']!r})")
+    if len(turns) % 2:
+        raise ValueError("history ends with a human turn: it must end with the model's (gpt) answer")
+    turns.append({"from": "human", "value": question})
+    if not any("<image>" in t["value"] for t in turns):
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+    return turns
+
+
+def regions_of(pred, size: tuple[int, int], crop: Any = None, image_index: int = 0) -> list[dict[str, Any]]:
+    """The region schema, one dict per emitted code in order: "code"; "class_name" from the perceiver's class
+    head (argmax over real classes: neither background nor "no object"); "mask" (H, W) bool at `size`
+    (bilinear logits > 0; with `crop`, the centre crop the model saw, mapped back through it); "score" the
+    mean probability inside the mask (0.0 when empty); "box" the mask's [x0, y0, x1, y1) in input pixels
+    (None when empty); "area" its pixel count; "image_index" the image the mask belongs to."""
     if not pred.codes:
         return []
     if crop is not None:  # the model saw a centre crop: back through it, nothing outside it
@@ -264,11 +300,19 @@ def regions_of(pred, size: tuple[int, int], crop: Any = None) -> list[dict[str, 
     for j, code in enumerate(pred.codes):
         mask = logits[j] > 0
         score = float(probs[j][mask].mean()) if mask.any() else 0.0
-        ys, xs = np.nonzero(mask.cpu().numpy())
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
-        regions.append({"code": code, "class_name": CLASSES.get(int(cls[j])), "mask": mask.cpu().numpy(),
-                        "score": score, "box": box})
+        m = mask.cpu().numpy()
+        regions.append({"code": code, "class_name": CLASSES.get(int(cls[j])), "score": score, "box": mask_box(m),
+                        "area": int(m.sum()), "image_index": int(image_index), "mask": m})
     return regions
 
 
-__all__ = ["MedSight", "build_joint", "load_joint", "preprocess", "preprocess_for", "regions_of", "save_joint"]
+def mask_box(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1) of a mask's foreground in pixels (end exclusive), None when empty."""
+    ys, xs = np.nonzero(np.asarray(mask))
+    if len(xs) == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+__all__ = ["MedSight", "build_joint", "conversation", "load_joint", "mask_box", "preprocess", "preprocess_for", "regions_of",
+           "save_joint"]

@@ -30,14 +30,14 @@ def image_prompt(question: str, n_images: int) -> str:
 def answer_images(ms: Any, images: Sequence[np.ndarray], question: str) -> dict[str, Any]:
     """One answer about `images` (1..MAX_IMAGES (H, W, 3) uint8 arrays): {"text", "regions"}, each region with
     `image_index` (the image its mask is on) and its mask at that image's size."""
-    from medsight.model import preprocess, regions_of
+    from medsight.model import preprocess_for, regions_of
     from medsight.models.joint import Prediction
 
     images = list(images)
     if not 1 <= len(images) <= MAX_IMAGES:
         raise ValueError(f"answer takes 1 to {MAX_IMAGES} images, got {len(images)}")
-    x = preprocess(images, ms.cfg.data.image_size, ms.cfg.data.mean, ms.cfg.data.std).to(ms.device)  # (N, 3, S, S)
-    feats, regions = ms.model.encode_images(x)
+    x, crops = preprocess_for(ms.cfg, images)  # (N, 3, S, S); crops: what each image's model input covers
+    feats, regions = ms.model.encode_images(x.to(ms.device))
     conv = [[{"from": "human", "value": image_prompt(question, len(images))}]]
     counts = torch.tensor([len(images)], device=feats.device)
     pred = ms.model.predict(feats, regions, conv, ms.max_new_tokens, image_counts=counts)[0]
@@ -47,8 +47,7 @@ def answer_images(ms: Any, images: Sequence[np.ndarray], question: str) -> dict[
         js = [j for j, v in enumerate(where) if v == k]
         sub = Prediction(pred.text, pred.token_ids, [pred.codes[j] for j in js], pred.mask_logits[js],
                          pred.class_logits[js])
-        for j, region in zip(js, regions_of(sub, np.asarray(images[k]).shape[:2])):
-            region["image_index"] = k
+        for j, region in zip(js, regions_of(sub, np.asarray(images[k]).shape[:2], crops[k], image_index=k)):
             out[j] = region
     return {"text": pred.text, "regions": out}
 

@@ -1,8 +1,9 @@
 """`medsight predict`: answer a question about one image and save what the answer points at.
 
 Writes into `out`:
-  answer.json   the text (with its code tokens) and, per region: code, class name (when known), score,
-                bounding box [x, y, w, h] and area in pixels, and the mask file(s);
+  answer.json   the text (with its code tokens) and, per region, the region schema of `MedSight.answer`
+                (code, class_name, score, box [x0, y0, x1, y1) in input pixels, area in pixels, image_index)
+                with `mask_files` in place of the mask;
   mask_<i>.png  one binary mask per region, at the input image's size;
   mask_<i>.nii.gz  for NIfTI input also the mask in the input volume's geometry (the chosen slice);
   overlay.png   the image with every mask tinted, outlined and labelled.
@@ -122,16 +123,35 @@ def predict(export: str | Path, image: str | Path, question: str, out: str | Pat
 
         model = medsight.load(export, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     answer = model.answer(rgb, question)
+    return write_answer(answer, rgb, geometry, question, out, image_label=str(image))
+
+
+def region_json(region: dict, mask_files: dict[str, str]) -> dict:
+    """One region of `MedSight.answer` as JSON (the same fields, `mask_files` in place of the mask); box
+    and area are recomputed from the mask so that answer.json always agrees with the mask files."""
+    from medsight.model import mask_box
+
+    mask = np.asarray(region["mask"], bool)
+    return {"code": region.get("code"), "class_name": region.get("class_name"),
+            "score": float(region.get("score", float("nan"))), "box": mask_box(mask), "area": int(mask.sum()),
+            "image_index": int(region.get("image_index", 0)), "mask_files": mask_files}
+
+
+def write_answer(answer: dict, rgb: np.ndarray, geometry: Any, question: str, out: str | Path,
+                 image_label: str) -> dict:
+    """Write answer.json, mask_<i>.png (+ mask_<i>.nii.gz for NIfTI input) and overlay.png into `out` for
+    `answer` (from `MedSight.answer`) about `rgb`; returns answer.json's content. `image_label` is what
+    answer.json names as the image (the path for the CLI)."""
     out = Path(out)
     try:
-        return _write_answer(out, answer, rgb, geometry, question, image)
+        return _write_answer(out, answer, rgb, geometry, question, image_label)
     except OSError as err:  # full disk, unwritable folder: one line naming the path
         from medsight.atomic import OutputError, describe_os_error
 
         raise OutputError(describe_os_error(getattr(err, "filename", None) or out, err)) from None
 
 
-def _write_answer(out: Path, answer: dict, rgb: np.ndarray, geometry: Any, question: str, image: Any) -> dict:
+def _write_answer(out: Path, answer: dict, rgb: np.ndarray, geometry: Any, question: str, image_label: str) -> dict:
     """answer.json is the entry point of the folder: the old one goes first, every file is written
     atomically (medsight.atomic) and answer.json last, so a reader never finds an answer.json that refers
     to missing or half-written masks (a failure leaves no answer.json)."""
@@ -155,12 +175,10 @@ def _write_answer(out: Path, answer: dict, rgb: np.ndarray, geometry: Any, quest
         if geometry.kind == "nifti":
             files["nifti"] = f"mask_{i}.nii.gz"
             write_mask(mask, geometry, out / files["nifti"])
-        regions.append({"index": i, "code": region.get("code"), "class_name": region.get("class_name"),
-                        "score": float(region.get("score", float("nan"))), "bbox": bbox_xywh(mask),
-                        "area": int(mask.sum()), "mask_files": files})
+        regions.append(region_json(region, files))
     with atomic_file(out / "overlay.png") as f:
         draw_overlay(rgb, answer.get("regions", [])).save(f, format="PNG")
-    result = {"question": question, "image": str(image), "image_size": list(rgb.shape[:2]),
+    result = {"question": question, "image": image_label, "image_size": list(rgb.shape[:2]),
               "slice": geometry.slice_index, "axis": geometry.axis, "window": geometry.window,
               "text": answer["text"], "regions": regions}
     write_text(out / "answer.json", json.dumps(result, indent=1))
