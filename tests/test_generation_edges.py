@@ -72,7 +72,7 @@ def test_more_codes_than_queries(tiny, tmp_path, monkeypatch):
     codes = [f"[C{g}_{k}]" for g in range(2) for k in range(4)][: n_queries + 2]
     a = _answer(tiny, tmp_path, monkeypatch, ["the liver", *codes], stop=True)
     assert [r["code"] for r in a["regions"]] == codes and len(codes) > n_queries
-    assert [r["index"] for r in a["regions"]] == list(range(len(codes)))
+    assert [r["mask_files"]["png"] for r in a["regions"]] == [f"mask_{i}.png" for i in range(len(codes))]
 
 
 def test_cut_at_max_new_tokens(tiny, tmp_path, monkeypatch):

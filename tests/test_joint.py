@@ -236,8 +236,8 @@ def test_full_export_answer_format(tmp_path):
     conv = [{"from": "human", "value": "<image>\nDescribe this image."}, history[1],
             {"from": "human", "value": "Is there a tumor?"}]
     assert ms.model.predict(*ms.model.encode_images(x), [conv], ms.max_new_tokens)[0].text == follow["text"]
-    with pytest.raises(ValueError, match="one image, got 2"):
-        ms.answer([img, img], "Compare them.")
+    with pytest.raises(ValueError, match="history is supported for one image, got 2"):
+        ms.answer([img, img], "Compare them.", history=history)
     with pytest.raises(Exception, match="missing"):
         (tmp_path / "export" / "projector_t2v.safetensors").unlink()
         medsight.load(tmp_path / "export")

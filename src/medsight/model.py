@@ -217,15 +217,13 @@ class MedSight:
         [x0, y0, x1, y1) or None, "area", "image_index", "mask" (H, W) bool at that image's size} (`regions_of`).
         """
         images = [image_or_images] if isinstance(image_or_images, np.ndarray) else list(image_or_images)
-        if len(images) > 1:
+        if len(images) != 1:
             if history:
                 raise ValueError("answer(): multi-turn history is supported for one image, got "
                                  f"{len(images)} images")
             from medsight.multi_image import answer_images
 
             return answer_images(self, images, question)
-        if not images:
-            raise ValueError("answer(): no image given")
         return self.answer_batch(images, [question], histories=[history])[0]
 
     @torch.no_grad()
