@@ -181,3 +181,69 @@ def test_fast_perceiver_matches_oracle_in_eval_no_grad():
         a, b = fast.eval()(feats), oracle.eval()(feats)
     for key in ("pred_masks", "pred_logits", "queries"):
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- set loss: frozen oracle (5366e55)
+def _oracle_set_loss(pred, labels, masks, mask_valid, w, num_classes=17, num_points=0):
+    """The previous SetCriterion.single (resolution mode): per-image pairwise costs, assignment, then the
+    matched pairs gathered and re-scored with BCE-with-logits and soft Dice."""
+    from scipy.optimize import linear_sum_assignment
+
+    x = pred["pred_masks"].flatten(2)
+    t = (masks.float() if masks.shape[-2:] == pred["pred_masks"].shape[-2:] else
+         F.interpolate(masks.float(), size=pred["pred_masks"].shape[-2:], mode="area")).flatten(2)
+    probs = pred["pred_logits"].detach().float().softmax(-1)
+    matches = []
+    for b in range(x.shape[0]):
+        valid = mask_valid[b].nonzero().squeeze(1)
+        xb, tb = x[b].detach(), t[b, valid]
+        bce = (F.softplus(xb).sum(-1, keepdim=True) - xb @ tb.T) / xb.shape[-1]
+        p = xb.sigmoid()
+        dice = 1 - (2 * p @ tb.T + 1) / (p.sum(-1)[:, None] + tb.sum(-1)[None, :] + 1)
+        cost = w["class"] * -probs[b][:, labels[b, valid]] + w["bce"] * bce + w["dice"] * dice
+        rows, cols = linear_sum_assignment(cost.numpy())
+        gi = valid[torch.as_tensor(cols)]
+        order = gi.argsort()
+        matches.append((torch.as_tensor(rows)[order], gi[order]))
+    bi = torch.cat([torch.full_like(p, i) for i, (p, _) in enumerate(matches)])
+    pi, gi = torch.cat([p for p, _ in matches]), torch.cat([g for _, g in matches])
+    xm, tm = x[bi, pi], t[bi, gi]
+    num = max(1, gi.numel())
+    cls_w = torch.ones(num_classes + 1)
+    cls_w[-1] = w["no_object"]
+    target = torch.full(pred["pred_logits"].shape[:2], num_classes, dtype=torch.long)
+    target[bi, pi] = labels[bi, gi]
+    loss_class = F.cross_entropy(pred["pred_logits"].transpose(1, 2), target, weight=cls_w)
+    loss_bce = F.binary_cross_entropy_with_logits(xm, tm, reduction="none").mean(-1).sum() / num
+    pm = xm.sigmoid()
+    loss_dice = (1 - (2 * (pm * tm).sum(-1) + 1) / (pm.sum(-1) + tm.sum(-1) + 1)).sum() / num
+    total = w["class"] * loss_class + w["bce"] * loss_bce + w["dice"] * loss_dice
+    return {"loss": total, "loss_class": loss_class, "loss_bce": loss_bce, "loss_dice": loss_dice}, matches
+
+
+@pytest.mark.parametrize("size, gt_size", [(16, 16), (8, 32)])
+def test_set_loss_matches_oracle(size, gt_size):
+    from medsight.models.matching import SetCriterion
+
+    w = {"class": 2.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
+    g = torch.Generator().manual_seed(3)
+    masks = (torch.rand(3, 16, gt_size, gt_size, generator=g) > 0.6).float()
+    valid = torch.rand(3, 16, generator=g) > 0.3
+    valid[2] = False  # an image without masks
+    labels = torch.randint(1, 17, (3, 16), generator=g)
+    outs = []
+    for _ in range(2):
+        pm = (torch.randn(3, 20, size, size, generator=torch.Generator().manual_seed(4)) * 3).requires_grad_()
+        pl = torch.randn(3, 20, 18, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        outs.append((pm, pl))
+    (pm_a, pl_a), (pm_b, pl_b) = outs
+    a, ma = SetCriterion(17, w)({"pred_masks": pm_a, "pred_logits": pl_a}, labels, masks, valid)
+    b, mb = _oracle_set_loss({"pred_masks": pm_b, "pred_logits": pl_b}, labels, masks, valid, w)
+    for (p1, g1), (p2, g2) in zip(ma, mb):
+        assert p1.tolist() == p2.tolist() and g1.tolist() == g2.tolist()
+    for key in ("loss", "loss_class", "loss_bce", "loss_dice"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+    a["loss"].backward()
+    b["loss"].backward()
+    torch.testing.assert_close(pm_a.grad, pm_b.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(pl_a.grad, pl_b.grad, atol=1e-6, rtol=1e-4)
