@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 
 from medsight.bench_llm import fixed_length, generate_without_cache, instruct_conversations
@@ -39,7 +38,6 @@ def test_loss_memory_probe_runs_both_ways():
     assert math.isfinite(pts["loss"]) and math.isfinite(full["loss"]) and pts["peak_mb"] >= 0
 
 
-@pytest.mark.slow
 def test_bench_gpu_smoke_writes_the_gpu_keys(tmp_path):
     from medsight.bench_gpu import main
 

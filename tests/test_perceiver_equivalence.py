@@ -247,3 +247,27 @@ def test_set_loss_matches_oracle(size, gt_size):
     b["loss"].backward()
     torch.testing.assert_close(pm_a.grad, pm_b.grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(pl_a.grad, pl_b.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_sampled_targets_match_grid_sample(dtype):
+    """sample_points gathers the GT at the pixel grid_sample's nearest rule reads (the previous code ran
+    grid_sample on the whole GT converted to float): the same targets, also for points outside the grid."""
+    from medsight.models.matching import sample_points
+
+    masks = (torch.rand(2, 5, 37, 23) > 0.5).to(dtype)
+    pred = torch.randn(2, 4, 9, 9)
+    torch.manual_seed(7)
+    p, t = sample_points(pred, masks, 3000)
+    torch.manual_seed(7)
+    coords = torch.rand(2, 1, 3000, 2) * 2 - 1
+    want = F.grid_sample(masks.float(), coords, mode="nearest", align_corners=False).squeeze(2)
+    torch.testing.assert_close(t, want, atol=0, rtol=0)
+    torch.testing.assert_close(p, F.grid_sample(pred, coords, mode="bilinear", align_corners=False).squeeze(2))
+    # points on and beyond the border: the same values, zeros outside
+    from medsight.models.matching import nearest_targets
+
+    edge = torch.tensor([[[[-1.0, -1.0], [0.9999999, 0.9999999], [1.0, 1.0], [-1.02, 0.0], [1.05, 0.3],
+                           [-0.75, 0.25], [0.125, -0.125]]]]).expand(2, 1, 7, 2)
+    want = F.grid_sample(masks.float(), edge, mode="nearest", align_corners=False).squeeze(2)
+    torch.testing.assert_close(nearest_targets(masks, edge.contiguous()), want, atol=0, rtol=0)

@@ -86,8 +86,23 @@ def sample_points(pred: torch.Tensor, masks: torch.Tensor, num_points: int) -> t
     b = pred.shape[0]
     coords = torch.rand(b, 1, num_points, 2, device=pred.device) * 2 - 1  # grid_sample coords in [-1, 1]
     p = F.grid_sample(pred, coords.to(pred.dtype), mode="bilinear", align_corners=False).squeeze(2)
-    t = F.grid_sample(masks.float(), coords.to(torch.float32), mode="nearest", align_corners=False).squeeze(2)
-    return p, t
+    return p, nearest_targets(masks, coords.to(torch.float32))
+
+
+def nearest_targets(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """`grid_sample(masks.float(), coords, mode="nearest", align_corners=False)` as (B, M, P) without
+    converting the whole GT to float: the pixel each point reads is found by sampling an image of (1-based)
+    pixel indices with the same rule (0 = outside the grid), then the GT is gathered as it is (bool at
+    1024 px: 1/4 of the float copy). masks (B, M, S, S'), coords (B, 1, P, 2)."""
+    b, m, h, w = masks.shape
+    n = coords.shape[2]
+    if h * w >= 2**24:  # pixel indices would not be exact in float32
+        return F.grid_sample(masks.float(), coords, mode="nearest", align_corners=False).squeeze(2)
+    index = torch.arange(1, h * w + 1, device=masks.device, dtype=torch.float32).view(1, 1, h, w)
+    idx = F.grid_sample(index.expand(b, 1, h, w), coords, mode="nearest",
+                        align_corners=False).view(b, 1, n).long() - 1  # (B, 1, P), -1 outside
+    picked = masks.flatten(2).gather(2, idx.clamp_min(0).expand(-1, m, -1))  # (B, M, P)
+    return picked.float() * (idx >= 0)
 
 
 def flatten_for_loss(pred_masks: torch.Tensor, masks: torch.Tensor, num_points: int = 0
@@ -194,6 +209,7 @@ __all__ = [
     "flatten_for_loss",
     "hungarian_match",
     "loss_weights",
+    "nearest_targets",
     "pairwise_bce",
     "pairwise_dice",
     "sigmoid_bce_loss",
