@@ -15,12 +15,12 @@ baseline and their ratio; mask decoding per code), `loss_memory` (the stage-1 lo
 from __future__ import annotations
 
 import argparse
-import json
 import datetime
+import json
 import platform
 import resource
-import tempfile
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable

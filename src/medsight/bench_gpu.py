@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import platform
@@ -78,6 +79,8 @@ class Device:
         return torch.cuda.get_device_properties(0).total_memory / 2**20 if self.cuda else float("inf")
 
     def free(self) -> None:
+        """Collect what the finished case left (reference cycles too) and hand the cached blocks back."""
+        gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
 
@@ -169,9 +172,7 @@ def stage1_case(overrides: list[str], dev: Device, mask_size: int, batches: list
     sec = median_time(step, repeats, sync=dev.sync)
     res = {"batch": best, "step_s": sec, "images_per_s": best / sec, "peak_mem_mb": dev.peak_mb(),
            "batch_search": tried, "perceiver_params": sum(p.numel() for p in perceiver.parameters())}
-    del vision, perceiver, opt, step
-    dev.free()
-    return res
+    return res  # the models go with this frame; the caller frees the cache
 
 
 def bench_stage1(dev: Device, smoke: bool, repeats: int) -> dict:
@@ -180,8 +181,10 @@ def bench_stage1(dev: Device, smoke: bool, repeats: int) -> dict:
     kw = dict(mask_size=64 if smoke else 1024, batches=batches, repeats=repeats,
               step_budget_s=30.0 if smoke else 1.5)
     out = {"ours": stage1_case(base, dev, **kw)}
+    dev.free()
     ref, note = reference_variant()
     out["reference"] = stage1_case(base + ref, dev, **kw) if ref else {"skipped": note}
+    dev.free()
     return out
 
 
@@ -242,9 +245,7 @@ def stage3_case(shape: dict, dev: Device, lora: bool, batch: int, seq_len: int, 
     res = {"batch": batch, "seq_len": seq_len, "step_s": sec, "tokens_per_s": tps, "peak_mem_mb": dev.peak_mb(),
            "n_params_for_flops": n, "trainable_params": sum(p.numel() for p in params),
            "flops_per_token": fpt, "mfu": tps * fpt / (peak_tflops * 1e12), "peak_tflops": peak_tflops}
-    del lm, opt, params
-    dev.free()
-    return res
+    return res  # the model goes with this frame; the caller frees the cache
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -328,11 +329,11 @@ def main(argv: list[str] | None = None) -> dict:
     big = {k: big[k] for k in TINY_LLM} | {"tie_word_embeddings": False}  # the Qwen3-8B shape (untied head)
     small = (TINY_LLM | {"tie_word_embeddings": True}) if args.smoke else QWEN3_1_7B
     seq = 40 if args.smoke else 576 + 20 + 128
-    res["stage3_step"] = {
-        "qwen3_8b_lora": stage3_case(big, dev, True, 2 if args.smoke else 8, seq, args.repeats, args.peak_tflops),
-        "qwen3_1_7b_full": stage3_case(small, dev, False, 2 if args.smoke else 8, seq, args.repeats,
-                                       args.peak_tflops),
-    }
+    res["stage3_step"] = {}
+    for name, shape, lora in (("qwen3_8b_lora", big, True), ("qwen3_1_7b_full", small, False)):
+        res["stage3_step"][name] = stage3_case(shape, dev, lora, 2 if args.smoke else 8, seq, args.repeats,
+                                               args.peak_tflops)
+        dev.free()
     dev.reset_peak()
     lm = qwen3(big, dev, torch.bfloat16).eval()
     gen = {f"batch{b}": decode_tokens_per_s(lm, dev, b, seq, 48, args.repeats) for b in (1, 32)}
