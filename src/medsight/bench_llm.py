@@ -123,23 +123,41 @@ def generate_without_cache(model, feats: torch.Tensor, regions: torch.Tensor, co
     return torch.stack(out, 1)
 
 
-def bench_generation(model, images: torch.Tensor, conversations: list[list[dict]], new_tokens: int, repeats: int,
-                     cache: bool = True) -> dict:
-    """Greedy decoding of exactly `new_tokens` per sample: MedSightLM.generate (KV cache) or the baseline."""
+def bench_generation(model, images: torch.Tensor, conversations: list[list[dict]], new_tokens: int,
+                     repeats: int) -> dict:
+    """Greedy decoding of exactly `new_tokens` per sample, MedSightLM.generate (KV cache) and the no-cache
+    baseline timed in turns (cache, none, cache, none, ...) so that both see the same machine load."""
     model.eval()
     feats, regions = model.encode_images(images)
-    if cache:
-        def run() -> None:
-            with fixed_length(model):
-                _, gen = model.generate(feats, regions, conversations, max_new_tokens=new_tokens)
-            if any(len(g) != new_tokens for g in gen):
-                raise RuntimeError(f"decoded {[len(g) for g in gen]} tokens, expected {new_tokens} each")
-    else:
-        def run() -> None:
-            generate_without_cache(model, feats, regions, conversations, new_tokens)
-    sec = median_time(run, repeats)
+
+    def cached() -> None:
+        with fixed_length(model):
+            _, gen = model.generate(feats, regions, conversations, max_new_tokens=new_tokens)
+        if any(len(g) != new_tokens for g in gen):
+            raise RuntimeError(f"decoded {[len(g) for g in gen]} tokens, expected {new_tokens} each")
+
+    def uncached() -> None:
+        generate_without_cache(model, feats, regions, conversations, new_tokens)
+
+    med = interleaved_medians({"cache": cached, "no_cache": uncached}, repeats)
     b = len(conversations)
-    return {"batch": b, "new_tokens": new_tokens, "s": sec, "tokens_per_s": b * new_tokens / sec}
+    return {"batch": b, "new_tokens": new_tokens, "s": med["cache"], "s_no_cache": med["no_cache"],
+            "tokens_per_s": b * new_tokens / med["cache"], "tokens_per_s_no_cache": b * new_tokens / med["no_cache"],
+            "kv_cache_speedup": med["no_cache"] / med["cache"]}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall seconds of each function, timed in turns (A B A B ...)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @torch.no_grad()
@@ -160,6 +178,7 @@ __all__ = [
     "fixed_length",
     "generate_without_cache",
     "instruct_conversations",
+    "interleaved_medians",
     "median_time",
     "tiny_joint",
 ]
