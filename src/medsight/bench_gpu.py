@@ -22,8 +22,12 @@ N = parameters every token is multiplied by (all but the input embedding table; 
 as the lm_head); attention = 12 x layers x heads x head_dim x sequence length;
 full training: 6N + attention; LoRA: 4N (frozen forward and input gradients) + 6 N_lora + attention.
 
-The device machine's stack lacks `omegaconf` (and `peft` on some images): carry their wheels (see the
-device README) or run inside this project's environment.
+On a lent device machine (its image has torch, transformers, peft, scipy, PyYAML but not omegaconf), carry
+the one missing wheel and run from the source tree:
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0          # here (.whl/ is git-ignored)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site:src python3 -m medsight.bench_gpu --peak-tflops 989 --out $OUT/gpu.json   # there
 """
 
 from __future__ import annotations
