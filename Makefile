@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install data stage1 stage2 stage3 eval predict serve demo test test-browser test-all bench lint tensorboard clean
+.PHONY: help install data stage1 stage2 stage3 eval predict serve demo test test-browser test-all bench bench-gpu lint tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ test-all: install ## every test, slow ones included
 
 bench: install ## speed and memory benchmarks (JSON to stdout and bench/results.json)
 	$(PY) -m medsight.bench --out bench/results.json
+
+PEAK_TFLOPS ?= 989
+bench-gpu: install ## paper-scale GPU benchmark, ~4 min on one H100/H200 (PEAK_TFLOPS = dense bf16 peak)
+	$(PY) -m medsight.bench_gpu --peak-tflops $(PEAK_TFLOPS) --out bench/gpu_results.json
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check src stages tests

@@ -1,18 +1,26 @@
-"""`make bench`: speed and memory of the parts that decide CPU wall time, as one JSON object.
+"""`make bench`: speed and memory of every hot path on the CPU, as one JSON object.
 
 Every number is a median over repeats measured in this one run (the machine is noisy; compare ratios
 within one run, not absolute numbers across runs). Nothing here asserts a speed: tests never time code.
 
-    python -m medsight.bench [--out bench/results.json] [--repeats 5] [key=value config overrides]
+Sections: `data_segmentation` (the default stage-1 loader) and `loader_over_step` (its images/s over the
+stage-1 step's), `stage1_step` (+ the other pixel_ffn setting), `stage3_step` (instruct phase of the tiny
+joint model), `generation` (greedy decoding of 48 tokens at batch 1 and 8 with the KV cache, the no-cache
+baseline and their ratio; mask decoding per code), `loss_memory` (the stage-1 loss at 192 px logits vs
+1024 px masks on points and at full resolution, each in its own process), `denormal`.
+
+    python -m medsight.bench [--out bench/results.json] [--repeats 5] [--quick] [key=value config overrides]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -167,13 +175,59 @@ def bench_denormal(repeats: int) -> dict:
     return out
 
 
+def bench_stage3_and_generation(overrides: list[str], repeats: int, new_tokens: int = 48) -> dict:
+    """stage3_step (instruct phase, batch 8) and generation (batch 1 and 8, KV cache vs none) of the tiny
+    joint model built from the stage-3 config."""
+    from medsight.bench_llm import (
+        bench_generation,
+        bench_joint_step,
+        bench_mask_decode,
+        instruct_conversations,
+        tiny_joint,
+    )
+
+    cfg = load_config("stage3", [], overrides)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        model = tiny_joint(cfg, tok_dir)
+    g = torch.Generator().manual_seed(0)
+    s, batch = cfg.data.image_size, 8
+    images = torch.randn(batch, 3, s, s, generator=g)
+    convs = instruct_conversations(cfg.data.root, batch, model.code_tokens)
+    masks = (torch.rand(batch, 1, s, s, generator=g) > 0.7).float()
+    valid = torch.ones(batch, 1, dtype=torch.bool)
+    out = {"stage3_step": bench_joint_step(model, convs, images, masks, valid, repeats)}
+    gen: dict = {"new_tokens": new_tokens}
+    for b in (1, 8):
+        r = bench_generation(model, images[:b], convs[:b], new_tokens, repeats)
+        gen[f"tokens_per_s_batch{b}"] = r["tokens_per_s"]
+        gen[f"tokens_per_s_batch{b}_no_cache"] = r["tokens_per_s_no_cache"]
+        gen[f"kv_cache_speedup_batch{b}"] = r["kv_cache_speedup"]
+    dec = bench_mask_decode(model, images, codes=1, repeats=2 * repeats)
+    dec4 = bench_mask_decode(model, images, codes=4, repeats=2 * repeats)
+    gen["mask_decode_ms_per_code"] = dec["ms_per_code"]
+    gen["mask_decode_ms_per_code_4_codes"] = dec4["ms_per_code"]
+    out["generation"] = gen
+    return out
+
+
+def bench_loss_memory(masks: int = 16) -> dict:
+    """The stage-1 loss at 192 px logits vs 1024 px masks, each way in its own process (medsight.bench_loss)."""
+    from medsight.bench_loss import in_subprocess
+
+    pts, full = in_subprocess("points", masks=masks), in_subprocess("full", masks=masks)
+    return {"points_mb": pts["peak_mb"], "full_resolution_mb": full["peak_mb"], "num_points": pts["points"],
+            "logit_size": pts["logit_size"], "mask_size": pts["mask_size"], "masks_per_image": masks,
+            "batch": pts["batch"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m medsight.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("overrides", nargs="*", help="config key=value overrides (stage1 config)")
+    ap.add_argument("--quick", action="store_true", help="skip the pixel_ffn comparison and the denormal check")
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides (stage1 and stage3 configs)")
     args = ap.parse_args(argv)
     offline_env()
     torch.set_flush_denormal(True)
@@ -182,8 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     ensure_synthetic(cfg.data.root)
     results: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                    "node": platform.node()},
         "config": {"image_size": cfg.data.image_size, "perceiver_dim": cfg.perceiver.dim,
                    "num_queries": cfg.perceiver.num_queries, "num_stages": cfg.perceiver.num_stages,
                    "pixel_ffn": cfg.perceiver.pixel_ffn},
@@ -191,17 +247,23 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results["data_segmentation"] = bench_data(cfg, args.repeats)
     results["stage1_step"] = bench_stage1_step(cfg, args.repeats, args.batch)
-    other = load_config("stage1", [], [*args.overrides, f"perceiver.pixel_ffn={not cfg.perceiver.pixel_ffn}"])
-    alt = bench_stage1_step(other, args.repeats, args.batch)
-    results[f"stage1_step_pixel_ffn_{str(not cfg.perceiver.pixel_ffn).lower()}"] = alt
-    results["pixel_ffn_off_over_on_speed"] = (
-        (alt if cfg.perceiver.pixel_ffn else results["stage1_step"])["train_images_per_s"]
-        / (results["stage1_step"] if cfg.perceiver.pixel_ffn else alt)["train_images_per_s"])
+    results["loader_over_step"] = (results["data_segmentation"]["images_per_s"]
+                                   / results["stage1_step"]["train_images_per_s"])
+    if not args.quick:
+        other = load_config("stage1", [], [*args.overrides, f"perceiver.pixel_ffn={not cfg.perceiver.pixel_ffn}"])
+        alt = bench_stage1_step(other, args.repeats, args.batch)
+        results[f"stage1_step_pixel_ffn_{str(not cfg.perceiver.pixel_ffn).lower()}"] = alt
+        results["pixel_ffn_off_over_on_speed"] = (
+            (alt if cfg.perceiver.pixel_ffn else results["stage1_step"])["train_images_per_s"]
+            / (results["stage1_step"] if cfg.perceiver.pixel_ffn else alt)["train_images_per_s"])
     paper = bench_paper_preprocessing(args.repeats)
     paper["stage1_step_train_images_per_s"] = results["stage1_step"]["train_images_per_s"]
     paper["workers_to_keep_up"] = paper["stage1_step_train_images_per_s"] / paper["images_per_s_per_worker"]
     results["data_paper_preprocessing"] = paper
-    results["denormal"] = bench_denormal(args.repeats)
+    results.update(bench_stage3_and_generation(args.overrides, args.repeats))
+    results["loss_memory"] = bench_loss_memory()
+    if not args.quick:
+        results["denormal"] = bench_denormal(args.repeats)
     results["peak_rss_mb"] = _peak_rss_mb()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,21 @@ def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * p @ targets.T + 1) / (p.sum(-1)[:, None] + targets.sum(-1)[None, :] + 1)
 
 
+def batched_pair_costs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, P) logits and (B, M, P) targets -> mean BCE and soft Dice loss of every (prediction, target)
+    pair, (B, N, M) each, differentiable: `pairwise_bce` / `pairwise_dice` batched.
+
+    A matched pair's loss is one entry of these matrices (what `sigmoid_bce_loss` / `dice_loss` give for it),
+    so the set loss reads the matched entries instead of gathering and re-scoring the pairs: one pass of
+    sigmoid and softplus over the pixels serves both the matching and the loss."""
+    x, t = logits.float(), targets.float()
+    tt = t.transpose(1, 2)  # (B, P, M)
+    p = x.sigmoid()
+    bce = (F.softplus(x).sum(-1, keepdim=True) - torch.bmm(x, tt)) / x.shape[-1]  # softplus(x) - x t, mean
+    dice = 1 - (2 * torch.bmm(p, tt) + 1) / (p.sum(-1, keepdim=True) + t.sum(-1)[:, None, :] + 1)
+    return bce, dice
+
+
 def _weights(weights: Mapping[str, float] | Any) -> dict[str, float]:
     return dict(weights) if isinstance(weights, Mapping) else loss_weights(weights)
 
@@ -75,8 +90,23 @@ def sample_points(pred: torch.Tensor, masks: torch.Tensor, num_points: int) -> t
     b = pred.shape[0]
     coords = torch.rand(b, 1, num_points, 2, device=pred.device) * 2 - 1  # grid_sample coords in [-1, 1]
     p = F.grid_sample(pred, coords.to(pred.dtype), mode="bilinear", align_corners=False).squeeze(2)
-    t = F.grid_sample(masks.float(), coords.to(torch.float32), mode="nearest", align_corners=False).squeeze(2)
-    return p, t
+    return p, nearest_targets(masks, coords.to(torch.float32))
+
+
+def nearest_targets(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """`grid_sample(masks.float(), coords, mode="nearest", align_corners=False)` as (B, M, P) without
+    converting the whole GT to float: the pixel each point reads is found by sampling an image of (1-based)
+    pixel indices with the same rule (0 = outside the grid), then the GT is gathered as it is (bool at
+    1024 px: 1/4 of the float copy). masks (B, M, S, S'), coords (B, 1, P, 2)."""
+    b, m, h, w = masks.shape
+    n = coords.shape[2]
+    if h * w >= 2**24:  # pixel indices would not be exact in float32
+        return F.grid_sample(masks.float(), coords, mode="nearest", align_corners=False).squeeze(2)
+    index = torch.arange(1, h * w + 1, device=masks.device, dtype=torch.float32).view(1, 1, h, w)
+    idx = F.grid_sample(index.expand(b, 1, h, w), coords, mode="nearest",
+                        align_corners=False).view(b, 1, n).long() - 1  # (B, 1, P), -1 outside
+    picked = masks.flatten(2).gather(2, idx.clamp_min(0).expand(-1, m, -1))  # (B, M, P)
+    return picked.float() * (idx >= 0)
 
 
 def flatten_for_loss(pred_masks: torch.Tensor, masks: torch.Tensor, num_points: int = 0
@@ -89,6 +119,26 @@ def flatten_for_loss(pred_masks: torch.Tensor, masks: torch.Tensor, num_points: 
 
 
 # ----------------------------------------------------------------------------------------- matching
+def _assign(probs: torch.Tensor, bce: torch.Tensor, dice: torch.Tensor, labels: torch.Tensor,
+            mask_valid: torch.Tensor, w: Mapping[str, float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, the optimal assignment on cost = w_class * (-p(class)) + w_bce * BCE + w_dice * Dice over
+    the valid GT masks: probs (B, N, C+1), bce / dice (B, N, M) (detached)."""
+    out = []
+    for b in range(probs.shape[0]):
+        valid = mask_valid[b].nonzero().squeeze(1)
+        if valid.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            out.append((empty, empty.clone()))
+            continue
+        cost = (w["class"] * -probs[b][:, labels[b, valid]] + w["bce"] * bce[b][:, valid]
+                + w["dice"] * dice[b][:, valid])  # (N, G)
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        pred_idx, gt_idx = torch.as_tensor(rows, dtype=torch.long), valid.cpu()[torch.as_tensor(cols)]
+        order = gt_idx.argsort()
+        out.append((pred_idx[order], gt_idx[order]))
+    return out
+
+
 @torch.no_grad()
 def hungarian_match(pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
                     mask_valid: torch.Tensor, weights: Mapping[str, float] | Any
@@ -99,25 +149,10 @@ def hungarian_match(pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels:
     (B, M, S, S) (resized to the prediction when 2-D), mask_valid (B, M). Cost = w_class * (-p(class)) +
     w_bce * BCE + w_dice * Dice. Returns per image (pred_idx, gt_idx) LongTensors sorted by gt_idx.
     """
-    w = _weights(weights)
     if pred_masks.dim() == 4:
         pred_masks, masks = flatten_for_loss(pred_masks, masks)
-    probs = pred_logits.float().softmax(-1)
-    out = []
-    for b in range(pred_logits.shape[0]):
-        valid = mask_valid[b].nonzero().squeeze(1)
-        if valid.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            out.append((empty, empty.clone()))
-            continue
-        x, t = pred_masks[b].float(), masks[b, valid].float()
-        cost = (w["class"] * -probs[b][:, labels[b, valid]] + w["bce"] * pairwise_bce(x, t)
-                + w["dice"] * pairwise_dice(x, t))  # (N, G)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        pred_idx, gt_idx = torch.as_tensor(rows, dtype=torch.long), valid.cpu()[torch.as_tensor(cols)]
-        order = gt_idx.argsort()
-        out.append((pred_idx[order], gt_idx[order]))
-    return out
+    bce, dice = batched_pair_costs(pred_masks, masks)
+    return _assign(pred_logits.float().softmax(-1), bce, dice, labels, mask_valid, _weights(weights))
 
 
 class SetCriterion(nn.Module):
@@ -139,12 +174,13 @@ class SetCriterion(nn.Module):
     def single(self, pred: dict, labels: torch.Tensor, masks: torch.Tensor, mask_valid: torch.Tensor
                ) -> tuple[dict[str, torch.Tensor], list]:
         x, t = flatten_for_loss(pred["pred_masks"], masks, self.num_points)  # (B, N, P), (B, M, P)
-        matches = hungarian_match(pred["pred_logits"], x, labels, t, mask_valid, self.w)
+        bce, dice = batched_pair_costs(x, t)  # (B, N, M) each, with gradients: matching and loss share them
+        probs = pred["pred_logits"].detach().float().softmax(-1)
+        matches = _assign(probs, bce.detach(), dice.detach(), labels, mask_valid, self.w)
         bi = torch.cat([torch.full_like(p, i) for i, (p, _) in enumerate(matches)]).to(x.device)
         pi = torch.cat([p for p, _ in matches]).to(x.device)
         gi = torch.cat([g for _, g in matches]).to(x.device)
         num = max(1, gi.numel())
-        xm, tm = x[bi, pi].float(), t[bi, gi].float()  # (K, P)
         target_cls = torch.full(pred["pred_logits"].shape[:2], self.num_classes, dtype=torch.long, device=x.device)
         target_cls[bi, pi] = labels[bi, gi]
         logits = pred["pred_logits"].float().transpose(1, 2)  # (B, C+1, N)
@@ -154,8 +190,8 @@ class SetCriterion(nn.Module):
             loss_class = logits.sum() * 0.0
         else:
             loss_class = F.cross_entropy(logits, target_cls, weight=self.class_weight)
-        parts = {"loss_class": loss_class, "loss_bce": sigmoid_bce_loss(xm, tm).sum() / num,
-                 "loss_dice": dice_loss(xm, tm).sum() / num}
+        parts = {"loss_class": loss_class, "loss_bce": bce[bi, pi, gi].sum() / num,
+                 "loss_dice": dice[bi, pi, gi].sum() / num}
         parts["loss"] = (self.w["class"] * parts["loss_class"] + self.w["bce"] * parts["loss_bce"]
                          + self.w["dice"] * parts["loss_dice"])
         return parts, matches
@@ -177,11 +213,13 @@ def build_criterion(cfg: Any, num_classes: int | None = None) -> SetCriterion:
 __all__ = [
     "LOSS_PRESETS",
     "SetCriterion",
+    "batched_pair_costs",
     "build_criterion",
     "dice_loss",
     "flatten_for_loss",
     "hungarian_match",
     "loss_weights",
+    "nearest_targets",
     "pairwise_bce",
     "pairwise_dice",
     "sigmoid_bce_loss",

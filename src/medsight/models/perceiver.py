@@ -41,7 +41,14 @@ def sine_position_encoding(h: int, w: int, dim: int, device=None, dtype=None, te
 
 
 class CrossAttention(nn.Module):
-    """LayerNorm on both inputs, bias-free q / kv / out projections, scaled dot-product attention."""
+    """LayerNorm on both inputs, bias-free q / kv / out projections, scaled dot-product attention.
+
+    `forward` is the textbook form. Between a few queries and a large pixel set the projections of the
+    pixel side can be folded into the few tokens' side instead (exact up to float rounding: matmul
+    reassociation, and softmax ignores a per-row constant), which `attend_pixels` (queries -> pixels) and
+    `pixels_attend` (pixels -> queries) do whenever it costs fewer FLOPs; both take the pixels already
+    normalised without affine (`ln_hat`), so one normalisation serves both directions.
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
@@ -60,6 +67,54 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
         return self.to_out(out.transpose(1, 2).reshape(b, nq, -1))
 
+    def _fold_pays(self, few: int, dim: int) -> bool:
+        """Per pixel: folded 2 * heads * few * d multiply-adds vs projected 2 * d * inner + 2 * inner * few."""
+        inner = self.heads * self.head_dim
+        return self.heads * few * dim < dim * inner + inner * few
+
+    def attend_pixels(self, x: torch.Tensor, ctx: torch.Tensor, ctx_hat: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(x, ctx, mask)` for few x (B, Nq, d) and many ctx (B, L, d); ctx_hat = layer_norm(ctx)
+        without affine."""
+        b, nq, d = x.shape
+        if not self._fold_pays(nq, d):
+            return self(x, ctx, mask)
+        h, hd = self.heads, self.head_dim
+        g, beta = self.norm_kv.weight, self.norm_kv.bias
+        w_k, w_v = self.to_kv.weight.view(2, h, hd, d).unbind(0)  # (h, hd, d) each
+        q = self.to_q(self.norm_q(x)).view(b, nq, h, hd)  # (B, Nq, h, hd)
+        # <q_h, W_k,h (g * c + beta)> = <g * W_k,h^T q_h, c> + const(query): the const drops out of softmax
+        qk = torch.einsum("bnhe,hed->bhnd", q, w_k) * g  # (B, h, Nq, d)
+        qk = qk.reshape(b, 1, h * nq, d)  # heads folded into the query axis: (B, 1, h*Nq, d)
+        attn_mask = None
+        if mask is not None:  # (B, Nq, L) -> (B, 1, h*Nq, L), shared by the heads
+            attn_mask = mask[:, None].expand(b, h, nq, mask.shape[-1]).reshape(b, 1, h * nq, -1)
+        kv = ctx_hat[:, None]  # (B, 1, L, d)
+        z = F.scaled_dot_product_attention(qk, kv, kv, attn_mask=attn_mask, scale=hd ** -0.5)  # (B,1,h*Nq,d)
+        # rows of the attention sum to 1: A (g * c + beta) = g * (A c) + beta
+        z = z.view(b, h, nq, d) * g + beta
+        v = torch.einsum("bhnd,hed->bnhe", z, w_v).reshape(b, nq, h * hd)  # (B, Nq, inner)
+        return self.to_out(v)
+
+    def pixels_attend(self, x: torch.Tensor, x_hat: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """`forward(x, ctx)` for many x (B, L, d) and few ctx (B, Nk, d); x_hat = layer_norm(x) without
+        affine."""
+        b, nk, d = ctx.shape
+        if not self._fold_pays(nk, d):
+            return self(x, ctx)
+        h, hd, L = self.heads, self.head_dim, x_hat.shape[1]
+        g, beta = self.norm_q.weight, self.norm_q.bias
+        w_q = self.to_q.weight.view(h, hd, d)
+        w_o = self.to_out.weight.view(d, h, hd)
+        k, v = self.to_kv(self.norm_kv(ctx)).view(b, nk, 2, h, hd).unbind(2)  # (B, Nk, h, hd) each
+        kq = torch.einsum("bnhe,hed->bhnd", k, w_q) * hd ** -0.5  # (B, h, Nk, d): keys in pixel space
+        bias = (kq @ beta).reshape(b, 1, h * nk)  # <kq, beta> per key: (B, 1, h*Nk)
+        kq = (kq * g).reshape(b, h * nk, d)  # (B, h*Nk, d)
+        vo = torch.einsum("bnhe,dhe->bhnd", v, w_o).reshape(b, h * nk, d)  # values already through to_out
+        s = torch.baddbmm(bias, x_hat, kq.transpose(1, 2))  # (B, L, h*Nk) scores
+        p = s.view(b, L, h, nk).softmax(-1).view(b, L, h * nk)  # softmax per head over the Nk keys
+        return p @ vo  # (B, L, d)
+
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: int) -> None:
@@ -74,8 +129,12 @@ class QueryUpdate(nn.Module):
         self.attn, self.norm1 = CrossAttention(dim, heads, head_dim), nn.LayerNorm(dim)
         self.ff, self.norm2 = FeedForward(dim, ff_mult), nn.LayerNorm(dim)
 
-    def forward(self, q: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.norm1(q + self.attn(q, f, mask))
+    def forward(self, q: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None,
+                f_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """f_hat: layer_norm(f) without affine when the caller has it already."""
+        if f_hat is None:
+            f_hat = F.layer_norm(f, f.shape[-1:])
+        q = self.norm1(q + self.attn.attend_pixels(q, f, f_hat, mask))
         return self.norm2(q + self.ff(q))
 
 
@@ -88,8 +147,11 @@ class PixelUpdate(nn.Module):
         self.ff = FeedForward(dim, ff_mult) if pixel_ffn else None
         self.norm2 = nn.LayerNorm(dim) if pixel_ffn else None
 
-    def forward(self, f: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        f = self.norm1(f + self.attn(f, q))
+    def forward(self, f: torch.Tensor, q: torch.Tensor, f_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """f_hat: layer_norm(f) without affine when the caller has it already."""
+        if f_hat is None:
+            f_hat = F.layer_norm(f, f.shape[-1:])
+        f = self.norm1(f + self.attn.pixels_attend(f, f_hat, q))
         if self.ff is not None:
             f = self.norm2(f + self.ff(f))
         return f
@@ -102,9 +164,14 @@ class ConvAdapter(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, H, W, d) -> (B, 2H, 2W, d)
-        x = F.interpolate(f.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
-        return self.conv(x).permute(0, 2, 3, 1)
+    def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, H, W, d) -> (B, 2H, 2W, d) contiguous
+        x = f.permute(0, 3, 1, 2)  # (B, d, H, W) in channels-last memory
+        if torch.is_grad_enabled():
+            # the CPU (oneDNN) conv backward is ~2x slower in channels-last than in contiguous NCHW (measured,
+            # d=256 at 96 px); the copy is taken at the low resolution
+            x = x.contiguous()
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.conv(x).permute(0, 2, 3, 1).contiguous()
 
 
 class PerceiverStage(nn.Module):
@@ -164,8 +231,10 @@ class RegionPerceiver(nn.Module):
             f = self._add_pos(stage.adapter(f))
             hh, ww = f.shape[1:3]
             flat = f.flatten(1, 2)  # (B, H*W, d)
-            q = stage.query_update(q, flat, self.attention_mask(masks, (hh, ww)))
-            f = stage.pixel_update(flat, q).view(b, hh, ww, -1)
+            # both directions normalise the same pixels: one affine-free LayerNorm serves them
+            flat_hat = F.layer_norm(flat, flat.shape[-1:])
+            q = stage.query_update(q, flat, self.attention_mask(masks, (hh, ww)), f_hat=flat_hat)
+            f = stage.pixel_update(flat, q, f_hat=flat_hat).view(b, hh, ww, -1)
             masks, logits = self.head(q, f)
         return {"pred_masks": masks, "pred_logits": logits, "queries": q, "aux": aux}
 
