@@ -23,12 +23,10 @@ from medsight.data.formats.common import (
     PathMap,
     Sample,
     _get,
-    _load_json,
     _resolve,
     group_index,
-    split_of_id,
 )
-from medsight.data.formats.pubmedvision import MAX_IMAGES, SPLITS, conversation_turns, image_list
+from medsight.data.formats.pubmedvision import SPLITS, ImageRows
 
 CODE_RE = re.compile(r"\[M\d+_\d+\]")
 
@@ -50,25 +48,10 @@ def read_instruct(path: PathLike, split: str = "all", groups: Sequence[str] = ("
     if split not in SPLITS:
         raise DataError(f"{path}: instruction-JSON splits are {list(SPLITS)}, not '{split}'", path=path,
                         field="split")
-    src = str(path)
-    base = Path(image_root) if image_root is not None else path.parent
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{src}: expected a JSON list of records", path=src)
-    out, skipped = [], 0
-    for k, row in enumerate(rows):
+    rows = ImageRows(path, split, val_fraction, image_root, path_map, policy)
+    out, src, base = [], rows.src, rows.base
+    for row, rid, where, files, turns in rows:
         try:
-            where = f"record {k}"
-            rid = _get(row, "id", (str, int), src, where)
-            where = f"record {k} (id {rid})"
-            if split != "all" and split_of_id(rid, val_fraction) != split:
-                continue
-            images = image_list(row, src, where)
-            if len(images) > MAX_IMAGES:
-                skipped += 1
-                continue
-            files = [_resolve(base, x, path_map) for x in images]
-            turns = conversation_turns(row, len(files), src, where)
             mask_files = _get(row, "mask_files", (dict, type(None)), src, where, optional=True) or {}
             orders = _get(row, "mask_orders", (list, type(None)), src, where, optional=True) or []
             masks = []
@@ -98,7 +81,7 @@ def read_instruct(path: PathLike, split: str = "all", groups: Sequence[str] = ("
                                      "coded_conversations": coded}))
         except DataError as e:
             policy(e)
-    return FormatRead(out, skipped=skipped, files=[src])
+    return FormatRead(out, skipped=rows.skipped, files=[src])
 
 
 __all__ = ["CODE_RE", "read_instruct"]

@@ -25,6 +25,21 @@ from medsight.data.synthetic import case_of
 log = logging.getLogger(__name__)
 
 
+def _question(row: dict, src: str, where: str) -> tuple[str, str, str, dict[str, str]]:
+    """(question, gt_answer, image_path, {letter: option}) of one multiple-choice row; two to four options,
+    the ground truth one of them."""
+    q = _get(row, "question", str, src, where)
+    gt = _get(row, "gt_answer", str, src, where)
+    image = _get(row, "image_path", str, src, where)
+    opts = {c: row[f"option_{c}"] for c in "ABCD" if row.get(f"option_{c}") is not None}
+    if len(opts) < 2 or not all(isinstance(v, str) for v in opts.values()):
+        raise DataError(f"{src}: {where} needs at least option_A and option_B as strings", path=src, field="option_A")
+    if gt not in opts.values():
+        raise DataError(f"{src}: {where} field 'gt_answer' '{gt}' is not one of the options", path=src,
+                        field="gt_answer")
+    return q, gt, image, opts
+
+
 def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: PathLike | None = None,
                     policy: ErrorPolicy | None = None) -> list[Sample]:
     """OmniMedVQA multiple choice: {question_id, question, gt_answer, image_path, option_A..option_D[,
@@ -37,16 +52,7 @@ def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: 
             where = f"record {k}"
             qid = str(_get(row, "question_id", (str, int), src, where))
             where = f"record {k} (question_id {qid})"
-            q = _get(row, "question", str, src, where)
-            gt = _get(row, "gt_answer", str, src, where)
-            image = _get(row, "image_path", str, src, where)
-            opts = {c: row[f"option_{c}"] for c in "ABCD" if row.get(f"option_{c}") is not None}
-            if len(opts) < 2 or not all(isinstance(v, str) for v in opts.values()):
-                raise DataError(f"{src}: {where} needs at least option_A and option_B as strings", path=src,
-                                field="option_A")
-            if gt not in opts.values():
-                raise DataError(f"{src}: {where} field 'gt_answer' '{gt}' is not one of the options", path=src,
-                                field="gt_answer")
+            q, gt, image, opts = _question(row, src, where)
             mod = _record_modality(row, modality_groups, src, where, "modality_type") if "modality_type" in row \
                 else modality_index(path.stem, modality_groups, src, where, "modality_type")
             out.append(Sample(id=qid, image=_resolve(base, image), modality=mod, case=case_of(image), source=src,
@@ -131,16 +137,7 @@ def read_omnimedvqa_root(path: PathLike, split: str = "test", groups: Sequence[s
                 group = OMNI_MODALITIES[mtype]
                 if group not in wanted:
                     continue
-                q = _get(row, "question", str, src, where)
-                gt = _get(row, "gt_answer", str, src, where)
-                image = _get(row, "image_path", str, src, where)
-                opts = {c: row[f"option_{c}"] for c in "ABCD" if row.get(f"option_{c}") is not None}
-                if len(opts) < 2 or not all(isinstance(v, str) for v in opts.values()):
-                    raise DataError(f"{src}: {where} needs at least option_A and option_B as strings", path=src,
-                                    field="option_A")
-                if gt not in opts.values():
-                    raise DataError(f"{src}: {where} field 'gt_answer' '{gt}' is not one of the options", path=src,
-                                    field="gt_answer")
+                q, gt, image, opts = _question(row, src, where)
                 out.append(Sample(id=str(qid), image=str(root / image), modality=group_index(group, groups),
                                   case=image, source=src, question=q, answer=gt, answer_type="CHOICE", options=opts,
                                   extra={"qid": qid, "modality_group": group, "row": row}))

@@ -65,6 +65,42 @@ def conversation_turns(row: dict, n_images: int, src: str, where: str) -> list[d
     return turns
 
 
+class ImageRows:
+    """The row walk PubMedVision and the instruction JSON share: iterating gives (row, id, where, image files,
+    turns) for the rows of `split`; a bad row goes to `policy`; rows with more than MAX_IMAGES images are
+    counted in `skipped` and left out."""
+
+    def __init__(self, path: Path, split: str, val_fraction: float, image_root: PathLike | None,
+                 path_map: PathMap | None, policy: ErrorPolicy) -> None:
+        self.path, self.split, self.val_fraction, self.path_map, self.policy = path, split, val_fraction, path_map, policy
+        self.src = str(path)
+        self.base = Path(image_root) if image_root is not None else path.parent
+        self.rows = _load_json(path)
+        if not isinstance(self.rows, list):
+            raise DataError(f"{self.src}: expected a JSON list of records", path=self.src)
+        self.skipped = 0
+
+    def __iter__(self):
+        src = self.src
+        for k, row in enumerate(self.rows):
+            try:
+                where = f"record {k}"
+                rid = _get(row, "id", (str, int), src, where)
+                where = f"record {k} (id {rid})"
+                if self.split != "all" and split_of_id(rid, self.val_fraction) != self.split:
+                    continue
+                images = image_list(row, src, where)
+                if len(images) > MAX_IMAGES:
+                    self.skipped += 1
+                    continue
+                files = [_resolve(self.base, x, self.path_map) for x in images]
+                turns = conversation_turns(row, len(files), src, where)
+            except DataError as e:
+                self.policy(e)
+                continue
+            yield row, rid, where, files, turns
+
+
 def read_pubmedvision(path: PathLike, split: str = "all", groups: Sequence[str] = ("Other",),
                       policy: ErrorPolicy | None = None, path_map: PathMap | None = None,
                       val_fraction: float = 0.01, image_root: PathLike | None = None, **_: Any) -> FormatRead:
@@ -73,32 +109,17 @@ def read_pubmedvision(path: PathLike, split: str = "all", groups: Sequence[str] 
     path = Path(path)
     if split not in SPLITS:
         raise DataError(f"{path}: PubMedVision splits are {list(SPLITS)}, not '{split}'", path=path, field="split")
-    src = str(path)
-    base = Path(image_root) if image_root is not None else path.parent
-    rows = _load_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{src}: expected a JSON list of records", path=src)
-    out, skipped = [], 0
-    for k, row in enumerate(rows):
+    rows = ImageRows(path, split, val_fraction, image_root, path_map, policy)
+    out, src = [], rows.src
+    for row, rid, _where, files, turns in rows:
         try:
-            where = f"record {k}"
-            rid = _get(row, "id", (str, int), src, where)
-            where = f"record {k} (id {rid})"
-            if split != "all" and split_of_id(rid, val_fraction) != split:
-                continue
-            images = image_list(row, src, where)
-            if len(images) > MAX_IMAGES:
-                skipped += 1
-                continue
-            files = [_resolve(base, x, path_map) for x in images]
-            turns = conversation_turns(row, len(files), src, where)
             q = turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
             out.append(Sample(id=str(rid), image=files[0], images=files, modality=group_index(row.get("modality"), groups),
                               case=str(rid), source=src, conversations=turns, question=q, answer=turns[1]["value"],
                               answer_type="OPEN", extra={"qid": rid, "body_part": row.get("body_part")}))
         except DataError as e:
             policy(e)
-    return FormatRead(out, skipped=skipped, files=[src])
+    return FormatRead(out, skipped=rows.skipped, files=[src])
 
 
-__all__ = ["MAX_IMAGES", "conversation_turns", "image_list", "read_pubmedvision"]
+__all__ = ["MAX_IMAGES", "ImageRows", "conversation_turns", "image_list", "read_pubmedvision"]
