@@ -59,13 +59,22 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
+    def qkv(self, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q (B, h, Nq, hd) of x and k, v (B, h, Nk, hd) of ctx (kv channels: keys, then values)."""
+        b, nq, _ = x.shape
+        q = self.to_q(self.norm_q(x)).view(b, nq, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.to_kv(self.norm_kv(ctx)).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, h, Nq, hd) per-head outputs -> (B, Nq, d)."""
+        b, _, nq, _ = o.shape
+        return self.to_out(o.transpose(1, 2).reshape(b, nq, -1))
+
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, Nq, d) attends to ctx (B, Nk, d); mask (B, Nq, Nk) bool, True = may attend."""
-        b, nq, _ = x.shape
-        q = self.to_q(self.norm_q(x)).view(b, nq, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, hd)
-        k, v = self.to_kv(self.norm_kv(ctx)).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
-        return self.to_out(out.transpose(1, 2).reshape(b, nq, -1))
+        q, k, v = self.qkv(x, ctx)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None]))
 
     def _fold_pays(self, few: int, dim: int) -> bool:
         """Per pixel: folded 2 * heads * few * d multiply-adds vs projected 2 * d * inner + 2 * inner * few."""

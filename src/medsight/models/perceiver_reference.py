@@ -22,39 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsight.models.perceiver import sine_position_encoding
+from medsight.models.perceiver import CrossAttention, sine_position_encoding
 
 
-class ReferenceCrossAttention(nn.Module):
-    """LayerNorm on queries (`norm_q`) and context (`norm_kv`), bias-free q / kv / out projections.
-
-    With a mask (B, Nq, Nk) bool (True = may attend), blocked scores are excluded; a row that blocks every
-    key gets uniform weights over all keys (the reference's -1e9 fill), i.e. the mean of the values.
-    """
-
-    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        inner = heads * head_dim
-        self.heads, self.head_dim = heads, head_dim
-        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+class ReferenceCrossAttention(CrossAttention):
+    """Our CrossAttention (same parameters: LayerNorm on both inputs, bias-free q / kv / out projections),
+    except for a masked row: blocked scores are excluded, and a row that blocks every key gets uniform
+    weights over all keys (the reference's -1e9 fill), i.e. the mean of the values."""
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, nq, _ = x.shape
-        q = self.to_q(self.norm_q(x)).view(b, nq, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, hd)
-        # kv channels: first `inner` are keys, the rest values, each head-major  -> (2, B, h, Nk, hd)
-        k, v = self.to_kv(self.norm_kv(ctx)).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            blocked_row = ~mask.any(dim=-1)  # (B, Nq)
-            allow = mask | blocked_row[..., None]  # any finite choice; those rows are replaced below
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allow[:, None])  # (B, h, Nq, hd)
-            uniform = v.mean(dim=2, keepdim=True).expand_as(out)  # softmax of equal scores = mean of values
-            out = torch.where(blocked_row[:, None, :, None], uniform, out)
-        return self.to_out(out.transpose(1, 2).reshape(b, nq, -1))
+            return super().forward(x, ctx)
+        q, k, v = self.qkv(x, ctx)
+        blocked_row = ~mask.any(dim=-1)  # (B, Nq)
+        allow = mask | blocked_row[..., None]  # any finite choice; those rows are replaced below
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allow[:, None])  # (B, h, Nq, hd)
+        uniform = v.mean(dim=2, keepdim=True).expand_as(out)  # softmax of equal scores = mean of values
+        out = torch.where(blocked_row[:, None, :, None], uniform, out)
+        return self.merge_heads(out)
 
 
 class ReferenceFeedForward(nn.Sequential):

@@ -128,6 +128,15 @@ def _record_file(path: PathLike, image_root: PathLike | None) -> tuple[Path, str
     return path, src, base, rows
 
 
+def record_id(row: Any, key: str, src: str, k: int, types: type | tuple = (str, int),
+              as_str: bool = False) -> tuple[Any, str]:
+    """The id field `key` of record `k` (checked against `types`; str() with `as_str`) and the record's name
+    for messages, "record k (key id)"."""
+    rid = _get(row, key, types, src, f"record {k}")
+    rid = str(rid) if as_str else rid
+    return rid, f"record {k} ({key} {rid})"
+
+
 def _get(row: Any, key: str, types: type | tuple, src: str, where: str, optional: bool = False) -> Any:
     """row[key] checked against `types`; DataError names file, record and field."""
     if not isinstance(row, dict):

@@ -17,6 +17,7 @@ from medsight.data.formats.common import (
     _record_file,
     _record_modality,
     _resolve,
+    record_id,
 )
 from medsight.data.synthetic import case_of
 
@@ -31,9 +32,7 @@ def read_diagseg(path: PathLike, modality_groups: Sequence[str], image_root: Pat
     out = []
     for k, row in enumerate(rows):
         try:
-            where = f"record {k}"
-            qid = str(_get(row, "qa_id", (str, int), src, where))
-            where = f"record {k} (qa_id {qid})"
+            qid, where = record_id(row, "qa_id", src, k, as_str=True)
             q = _get(row, "question", str, src, where)
             ans = _get(row, "answer", str, src, where)
             image = _get(row, "image_file", str, src, where)

@@ -16,6 +16,7 @@ from medsight.data.formats.common import (
     _record_file,
     _record_modality,
     _resolve,
+    record_id,
 )
 from medsight.data.synthetic import case_of
 
@@ -43,9 +44,7 @@ def read_conversations(path: PathLike, modality_groups: Sequence[str], image_roo
     out = []
     for k, row in enumerate(rows):
         try:
-            where = f"record {k}"
-            rid = str(_get(row, "id", (str, int), src, where))
-            where = f"record {k} (id {rid})"
+            rid, where = record_id(row, "id", src, k, as_str=True)
             image = _get(row, "image", str, src, where)
             conv = _check_conversations(row.get("conversations"), src, where)
             orders = _get(row, "mask_orders", list, src, where, optional=True) or []
@@ -83,9 +82,7 @@ def read_vqa(path: PathLike, modality_groups: Sequence[str], image_root: PathLik
     out = []
     for k, row in enumerate(rows):
         try:
-            where = f"record {k}"
-            rid = str(_get(row, "id", (str, int), src, where))
-            where = f"record {k} (id {rid})"
+            rid, where = record_id(row, "id", src, k, as_str=True)
             image = _get(row, "image", str, src, where)
             conv = _check_conversations(row.get("conversations"), src, where)
             if len(conv) < 2:

@@ -19,6 +19,7 @@ from medsight.data.formats.common import (
     _resolve,
     group_index,
     modality_index,
+    record_id,
 )
 from medsight.data.synthetic import case_of
 
@@ -49,9 +50,7 @@ def read_omnimedvqa(path: PathLike, modality_groups: Sequence[str], image_root: 
     out = []
     for k, row in enumerate(rows):
         try:
-            where = f"record {k}"
-            qid = str(_get(row, "question_id", (str, int), src, where))
-            where = f"record {k} (question_id {qid})"
+            qid, where = record_id(row, "question_id", src, k, as_str=True)
             q, gt, image, opts = _question(row, src, where)
             mod = _record_modality(row, modality_groups, src, where, "modality_type") if "modality_type" in row \
                 else modality_index(path.stem, modality_groups, src, where, "modality_type")
@@ -126,9 +125,7 @@ def read_omnimedvqa_root(path: PathLike, split: str = "test", groups: Sequence[s
             continue
         for k, row in enumerate(rows):
             try:
-                where = f"record {k}"
-                qid = _get(row, "question_id", (str, int), src, where)
-                where = f"record {k} (question_id {qid})"
+                qid, where = record_id(row, "question_id", src, k)
                 key = "modality_type" if isinstance(row, dict) and "modality_type" in row else "modality"
                 mtype = _get(row, key, str, src, where)
                 if mtype not in OMNI_MODALITIES:

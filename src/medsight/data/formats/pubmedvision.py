@@ -24,6 +24,7 @@ from medsight.data.formats.common import (
     _load_json,
     _resolve,
     group_index,
+    record_id,
     split_of_id,
 )
 
@@ -84,9 +85,7 @@ class ImageRows:
         src = self.src
         for k, row in enumerate(self.rows):
             try:
-                where = f"record {k}"
-                rid = _get(row, "id", (str, int), src, where)
-                where = f"record {k} (id {rid})"
+                rid, where = record_id(row, "id", src, k)
                 if self.split != "all" and split_of_id(rid, self.val_fraction) != self.split:
                     continue
                 images = image_list(row, src, where)

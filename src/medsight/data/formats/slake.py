@@ -19,6 +19,7 @@ from medsight.data.formats.common import (
     _load_json,
     is_llava_list,
     read_llava_test,
+    record_id,
     vqa_sample,
 )
 
@@ -51,9 +52,7 @@ def read_slake(path: PathLike, split: str = "test", groups: Sequence[str] = ("Ot
     out = []
     for k, row in enumerate(rows):
         try:
-            where = f"record {k}"
-            qid = _get(row, "qid", int, src, where)
-            where = f"record {k} (qid {qid})"
+            qid, where = record_id(row, "qid", src, k, int)
             row_lang = _get(row, "q_lang", str, src, where)
             if lang != "all" and row_lang != lang:
                 continue

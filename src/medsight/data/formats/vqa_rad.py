@@ -17,6 +17,7 @@ from medsight.data.formats.common import (
     _get,
     _load_json,
     read_llava_test,
+    record_id,
     vqa_sample,
 )
 
@@ -42,9 +43,7 @@ def read_vqa_rad(path: PathLike, split: str = "test", groups: Sequence[str] = ("
     out = []
     for k, row in enumerate(rows):
         try:
-            where = f"record {k}"
-            qid = _get(row, "qid", (int, str), src, where)
-            where = f"record {k} (qid {qid})"
+            qid, where = record_id(row, "qid", src, k, (int, str))
             phrase = _get(row, "phrase_type", str, src, where)
             if phrase not in PHRASE_TYPES["train"] + PHRASE_TYPES["test"]:
                 raise DataError(f"{src}: {where} field 'phrase_type' is '{phrase}', expected one of "
