@@ -204,7 +204,7 @@ def run_benchmarks(export: str | Path, benchmarks: str | Sequence[str], data: st
                    device: str | None = None) -> dict:
     """Generate on each benchmark, score with both protocols, write answers, results.json and report.md.
     `model` (anything with `answer_batch`) replaces loading `export`, for tests."""
-    from medsight.evaluate import _seed_everything, default_eval_dir, run_evaluation
+    from medsight.evaluate import _seed_everything, default_eval_dir, load_for_eval, run_evaluation
 
     names = benchmark_names(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     data = Path(data)
@@ -216,14 +216,7 @@ def run_benchmarks(export: str | Path, benchmarks: str | Sequence[str], data: st
     located = {n: locate(BENCHMARKS[n], data) for n in names if n != "synthetic"}  # fail before loading
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(seed)
-    if model is None:
-        import torch
-
-        import medsight
-
-        if not Path(export).is_dir():
-            raise EvalInputError(f"{export}: no export directory; run make stage3 first")
-        model = medsight.load(export, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model if model is not None else load_for_eval(export, device)
     results: dict[str, Any] = {"run": {"export": str(export), "data": str(data), "benchmarks": names, "seed": seed,
                                        "batch_size": batch_size, "decoding": "greedy", "limit": limit,
                                        "modalities": list(mods), "mcq_prompt_suffix": MCQ_SUFFIX}}

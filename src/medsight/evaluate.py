@@ -392,6 +392,18 @@ def default_eval_dir(export: str | Path) -> Path:
     return Path(export).resolve().parent.parent / "eval"
 
 
+def load_for_eval(export: str | Path, device: str | None = None) -> Any:
+    """`medsight.load(export)` on `device` (default: cuda when available), or EvalInputError when there is no
+    export directory."""
+    import torch
+
+    import medsight
+
+    if not Path(export).is_dir():
+        raise EvalInputError(f"{export}: no export directory; run make stage3 first")
+    return medsight.load(export, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run_evaluation(export: str | Path, data: str | Path = "data/synthetic", out: str | Path | None = None,
                    batch_size: int = 8, seed: int = 0, limit: int | None = None, model: Any = None,
                    device: str | None = None) -> dict:
@@ -412,14 +424,7 @@ def run_evaluation(export: str | Path, data: str | Path = "data/synthetic", out:
     out = Path(out) if out is not None else default_eval_dir(export)
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(seed)
-    if model is None:
-        import torch
-
-        import medsight
-
-        if not Path(export).is_dir():
-            raise EvalInputError(f"{export}: no export directory; run make stage3 first")
-        model = medsight.load(export, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model if model is not None else load_for_eval(export, device)
 
     def head(items: list[dict]) -> list[dict]:
         return items if limit is None else items[:limit]

@@ -31,28 +31,21 @@ class UnsafePickleError(DataError):
 
 
 def _numpy_globals() -> list[tuple[Any, str]]:
-    """(object, dotted name) pairs for numpy's scalar reconstructor and dtypes, under both module names a
-    pickle may carry (`numpy.core` before numpy 2, `numpy._core` after)."""
-    scalar = np.core.multiarray.scalar if hasattr(np, "core") and hasattr(np.core, "multiarray") else None
+    """(object, dotted name) pairs for numpy's scalar and array reconstructors and its dtypes, under both
+    module names a pickle may carry (`numpy.core` before numpy 2, `numpy._core` after)."""
     try:
-        from numpy._core.multiarray import scalar as scalar2  # numpy >= 2
+        from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        scalar2 = scalar
-    scalar = scalar or scalar2
-    out: list[tuple[Any, str]] = []
+        from numpy.core import multiarray
+    out: list[tuple[Any, str]] = [(np.dtype, "numpy.dtype")]
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out.append((scalar, f"{mod}.scalar"))
-        out.append((np.ndarray, f"{mod}.ndarray"))
-        out.append((getattr(np.core.multiarray, "_reconstruct", None) if hasattr(np, "core") else None,
-                    f"{mod}._reconstruct"))
-    out.append((np.dtype, "numpy.dtype"))
-    dtypes = getattr(np, "dtypes", None)
+        out += [(multiarray.scalar, f"{mod}.scalar"), (np.ndarray, f"{mod}.ndarray"),
+                (multiarray._reconstruct, f"{mod}._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype
     if dtypes is not None:
-        for name in dir(dtypes):
-            obj = getattr(dtypes, name)
-            if isinstance(obj, type) and name.endswith("DType"):
-                out.append((obj, f"numpy.dtypes.{name}"))
-    return [(obj, name) for obj, name in out if obj is not None]
+        out += [(getattr(dtypes, n), f"numpy.dtypes.{n}") for n in dir(dtypes)
+                if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    return out
 
 
 def checkpoint_globals() -> list[tuple[Any, str]]:

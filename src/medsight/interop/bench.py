@@ -17,6 +17,7 @@ import math
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m medsight.interop.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=1.04e9, help="LLM parameters (default 1.04e9)")
-    ap.add_argument("--workdir", default="/tmp/medsight_import_bench")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medsight_import_bench"))
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
