@@ -22,6 +22,7 @@ answer names, download the masks.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import html
 import logging
 import os
@@ -50,6 +51,22 @@ WINDOW_CHOICES = ["default", "abdomen", "lung", "bone", "brain", "liver", "media
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 TABLE_HEADERS = ["#", "class", "code", "score", "box [x0, y0, x1, y1)", "area (px)"]
 
+
+
+@contextlib.contextmanager
+def _request_errors(gr: Any, folder: Path) -> Iterator[None]:
+    """A failed request removes its folder and reaches the user as one Gradio error: the message of a user
+    error (unreadable file, empty question), else the exception's type (logged in full); the server keeps
+    serving."""
+    try:
+        yield
+    except (DataError, ValueError) as err:
+        remove_folder(folder)
+        raise gr.Error(str(err), print_exception=False) from None
+    except Exception as err:  # noqa: BLE001 -- the server keeps running; the user gets one line
+        remove_folder(folder)
+        log.exception("answer failed")
+        raise gr.Error(f"internal error ({type(err).__name__}); see the server log", print_exception=False) from None
 
 def _gradio():
     """Gradio, imported with its telemetry off (the variable is read at import)."""
@@ -168,7 +185,7 @@ class MedSightApp:
         the middle slice, default window)."""
         gr = _gradio()
         folder = self.request_folder()
-        try:
+        with _request_errors(gr, folder):
             if not image:
                 raise DataError("no image file was given", field="image")
             if not (question or "").strip():
@@ -177,13 +194,6 @@ class MedSightApp:
             result, _, _ = self.respond(scan, question, None, 2, None, None, folder)
             files = [str(folder / f) for r in result["regions"] for f in r["mask_files"].values()]
             outputs = (result["text"], result["regions"], [*files, str(folder / "answer.json")])
-        except (DataError, ValueError) as err:
-            remove_folder(folder)
-            raise gr.Error(str(err), print_exception=False) from None
-        except Exception as err:  # noqa: BLE001 -- the server keeps running; the user gets one line
-            remove_folder(folder)
-            log.exception("answer failed")
-            raise gr.Error(f"internal error ({type(err).__name__}); see the server log", print_exception=False) from None
         try:
             yield outputs  # Gradio copies the files into its cache before it resumes this generator
         finally:
@@ -262,19 +272,12 @@ class MedSightApp:
         if state.get("view") != view:  # another image: a new conversation
             state["history"], chat = [], []
         folder = self.request_folder()
-        try:
+        with _request_errors(gr, folder):
             result, answer, rgb = self.respond(scan, question, *view, state.get("history"), folder)
             overlay = draw_overlay(rgb, answer["regions"])
             overlay.save(folder / "overlay.png")
             files = [str(folder / f) for r in result["regions"] for f in r["mask_files"].values()]
             files += [str(folder / "answer.json"), str(folder / "overlay.png")]
-        except (DataError, ValueError) as err:
-            remove_folder(folder)
-            raise gr.Error(str(err), print_exception=False) from None
-        except Exception as err:  # noqa: BLE001 -- the server keeps running; the user gets one line
-            remove_folder(folder)
-            log.exception("answer failed")
-            raise gr.Error(f"internal error ({type(err).__name__}); see the server log", print_exception=False) from None
         state["view"] = view
         state["history"] = [*state.get("history", []), {"from": "human", "value": question.strip()},
                             {"from": "gpt", "value": answer["text"]}]
