@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medsight.models.matching import (
     SetCriterion,
     dice_loss,
+    flatten_for_loss,
     hungarian_match,
     loss_weights,
     pairwise_bce,
@@ -175,3 +177,23 @@ def test_loss_presets():
     official = loss_weights(load_config("stage1", [str(CONFIG_DIR / "official_code.yaml")]).loss)
     assert official == {"class": 1.0, "bce": 1.0, "dice": 1.0, "no_object": 0.0}
     assert loss_weights(load_config("stage1", overrides=["loss.preset=official_code"]).loss) == official
+
+
+def test_loss_at_gt_resolution_reads_predictions_like_the_metric():
+    """num_points=-1: the predictions at every GT pixel centre, bilinearly, edges clamped (oracle: grid_sample
+    at the centres, written here), against the binary GT as it is; a small object below half a mask pixel survives, where the
+    area-averaged target of num_points=0 drops below 0.5 everywhere."""
+    torch.manual_seed(0)
+    pred = torch.randn(2, 3, 8, 8)
+    masks = torch.zeros(2, 2, 32, 32, dtype=torch.bool)
+    masks[:, 0, 5:7, 9:11] = True  # 2x2 px: a quarter of one 4x4 mask pixel
+    masks[:, 1, 10:30, 2:20] = True
+    x, t = flatten_for_loss(pred, masks, -1)
+    c = (torch.arange(32, dtype=torch.float32) * 2 + 1) / 32 - 1  # pixel centres in [-1, 1]
+    gy, gx = torch.meshgrid(c, c, indexing="ij")
+    grid = torch.stack([gx, gy], -1)[None].expand(2, 32, 32, 2)
+    oracle = F.grid_sample(pred, grid, mode="bilinear", padding_mode="border", align_corners=False).flatten(2)
+    torch.testing.assert_close(x, oracle, atol=1e-5, rtol=1e-5)
+    assert torch.equal(t, masks.flatten(2).float())
+    _, soft = flatten_for_loss(pred, masks, 0)
+    assert soft[:, 0].max() < 0.5 and t[:, 0].max() == 1.0

@@ -118,7 +118,8 @@ class LossConfig:
     bce_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
-    num_points: int = 0  # 0: loss at mask resolution; >0: sample this many points (Mask2Former 12544)
+    num_points: int = 0  # 0: loss at mask resolution (GT area-averaged); >0: sample this many points (Mask2Former
+    #                      12544); -1: at the GT's resolution (predictions bilinearly upsampled, as the metric reads)
     deep_supervision: bool = False  # also apply the loss to the init block's and intermediate stages' masks
 
 

@@ -111,9 +111,16 @@ def nearest_targets(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 def flatten_for_loss(pred_masks: torch.Tensor, masks: torch.Tensor, num_points: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions and GT in a common flat form: (B, N, P) logits and (B, M, P) targets."""
+    """Predictions and GT in a common flat form: (B, N, P) logits and (B, M, P) targets.
+
+    num_points > 0: that many uniform random points (Mask2Former); 0: the GT area-averaged to the
+    prediction's resolution; < 0: the prediction bilinearly upsampled to the GT's resolution, the way the
+    Dice metric reads it (the binary GT as it is)."""
     if num_points > 0:
         return sample_points(pred_masks, masks, num_points)
+    if num_points < 0 and tuple(pred_masks.shape[-2:]) != tuple(masks.shape[-2:]):
+        up = F.interpolate(pred_masks, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
+        return up.flatten(2), masks.flatten(2).to(up.dtype)
     t = resize_targets(masks, tuple(pred_masks.shape[-2:]))
     return pred_masks.flatten(2), t.flatten(2)
 
