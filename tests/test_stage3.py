@@ -130,3 +130,23 @@ def test_fsdp2_two_processes_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
     assert "world=2 steps=3" in r0 and r0 == r1  # the gathered full weights agree
+
+
+def test_repeat_sets_the_mix_of_a_phase(synthetic_root, tmp_path):
+    """stage3.repeat={diagseg: 2} (the default): every DiagSeg training record twice per epoch, the other sources
+    once; a count below 1 or an unknown source fails naming the key."""
+    from collections import Counter
+
+    from medsight.config import load_config
+    from medsight.joint_data import phase_loader
+
+    cfg = small_config(synthetic_root, tmp_path)
+    kinds = lambda argv: Counter(s.extra["kind"] for s in phase_loader(load_config("stage3", overrides=argv),
+                                                                        "instruct").dataset.samples)
+    plain, mixed = kinds(_argv(cfg, "stage3.repeat={diagseg: 1}")), kinds(_argv(cfg, "stage3.repeat={diagseg: 2}"))
+    assert plain["diagseg"] > 0 and mixed["diagseg"] == 2 * plain["diagseg"]
+    assert mixed["vqa"] == plain["vqa"] and mixed["instruct"] == plain["instruct"]
+    with pytest.raises(ValueError, match="stage3.repeat"):
+        kinds(_argv(cfg, "stage3.repeat={vqa: 0}"))
+    with pytest.raises(ValueError, match="stage3.repeat"):
+        kinds(_argv(cfg, "stage3.repeat={diagsge: 2}"))

@@ -206,6 +206,8 @@ class Stage3Config:
     ground: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=5e-3, max_steps=100))
     instruct: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=1e-3, max_steps=400))
     max_new_tokens: int = 48  # greedy decoding budget per answer
+    repeat: dict[str, int] = field(default_factory=dict)  # training records of a source seen this many times per
+    #                                                       epoch of a phase (the mix), e.g. {diagseg: 2}
     init_from_joint: Optional[str] = None  # a stage-3 (joint) export to fine-tune, e.g. `medsight import official`'s;
     #                                        its weights replace the stage-1/2 start, `phases` picks what trains
     do_sample: bool = False  # greedy by default; true: the reference's sampling (temperature, repetition_penalty)
@@ -281,7 +283,7 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 #: Config keys whose values are free-form {str: str} maps (their keys are data, not schema).
-FREE_FORM_KEYS = ("data.formats.", "data.path_map.")
+FREE_FORM_KEYS = ("data.formats.", "data.path_map.", "stage3.repeat.")
 
 
 def _check_keys(schema: DictConfig, update: Any, source: str, prefix: str = "") -> None:
