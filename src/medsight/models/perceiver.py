@@ -229,7 +229,9 @@ class RegionPerceiver(nn.Module):
         return allow | ~allow.any(dim=-1, keepdim=True)
 
     def forward(self, feats: torch.Tensor, queries: torch.Tensor | None = None) -> dict:
-        f = self._add_pos(self.in_proj(feats))  # (B, H, W, d)
+        # contiguous (B, H, W, D): a conv encoder's output is a permuted NCHW view, and every op after it
+        # (LayerNorm, the pixel attention, the mask head) ran ~4x slower on that layout (measured, no_grad, d=128)
+        f = self._add_pos(self.in_proj(feats.contiguous()))  # (B, H, W, d)
         b = f.shape[0]
         q = self.query_embed.unsqueeze(0).expand(b, -1, -1) if queries is None else queries  # (B, M, d)
         q = self.init_block(q, f.flatten(1, 2))
