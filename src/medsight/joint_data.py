@@ -161,12 +161,15 @@ def phase_loader(cfg, phase: str) -> torch.utils.data.DataLoader:
     """The phase's training DataLoader over `phase_data`'s train split, length-grouped."""
     dm = phase_data(cfg, phase)
     ds = dm.dataset("train")
+    from medsight.data.datamodule import SOURCES
+
+    # the mix: a source's records listed `repeat` times per epoch (the image cache is keyed by record: no re-decode)
     repeat = {str(k): int(v) for k, v in dict(cfg.stage3.get("repeat") or {}).items()}
-    if any(v != 1 for v in repeat.values()):  # the mix: a source's records listed `repeat` times per epoch
-        bad = {k: v for k, v in repeat.items() if v < 1 or k not in ("vqa", "instruct", "diagseg")}
-        if bad:
-            raise ValueError(f"config key 'stage3.repeat': sources are vqa, instruct, diagseg and counts >= 1, "
-                             f"got {bad}")
+    bad = {k: v for k, v in repeat.items() if v < 1 or k not in SOURCES["instruct"]}
+    if bad:
+        raise ValueError(f"config key 'stage3.repeat': sources are {', '.join(SOURCES['instruct'])} and counts "
+                         f">= 1, got {bad}")
+    if any(v != 1 for v in repeat.values()):
         ds.samples = [s for s in ds.samples for _ in range(repeat.get(s.extra.get("kind"), 1))]
     lengths = [sum(len(t["value"]) for t in s.conversations) if s.conversations else
                len(s.question or "") + len(s.answer or "") for s in ds.samples]
