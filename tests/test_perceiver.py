@@ -16,7 +16,7 @@ from medsight.models.matching import (
     pairwise_dice,
     sigmoid_bce_loss,
 )
-from medsight.models.perceiver import RegionPerceiver, sine_position_encoding
+from medsight.models.perceiver import CHANNELS_LAST_MAX_ELEMENTS, ConvAdapter, RegionPerceiver, sine_position_encoding
 
 W = {"class": 2.0, "bce": 5.0, "dice": 5.0, "no_object": 0.1}
 
@@ -78,6 +78,35 @@ def test_masked_forward_is_finite_when_everything_blocked():
         p.mask_embed.bias.fill_(-1.0)
     out = p(torch.randn(2, 4, 4, 24))
     assert torch.isfinite(out["pred_masks"]).all() and torch.isfinite(out["queries"]).all()
+
+
+def test_adapter_layouts_compute_the_same_function():
+    """The conv layouts are a speed choice: outputs and every gradient agree with the NCHW path, `auto` picks
+    channels-last for small maps and NCHW for large ones while training on CPU, and a typo fails by name."""
+    torch.manual_seed(0)
+    ref = ConvAdapter(16, "nchw")
+    f = torch.randn(2, 6, 5, 16)
+    g = torch.randn(2, 12, 10, 16)
+    results = {}
+    for layout in ("nchw", "channels_last", "auto"):
+        ad = ConvAdapter(16, layout)
+        ad.load_state_dict(ref.state_dict())
+        x = f.clone().requires_grad_()
+        y = ad(x)
+        assert y.shape == (2, 12, 10, 16) and y.is_contiguous()
+        (y * g).sum().backward()
+        results[layout] = (y.detach(), x.grad, ad.conv.weight.grad, ad.conv.bias.grad)
+    for layout in ("channels_last", "auto"):
+        for a, b in zip(results[layout], results["nchw"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    auto = ConvAdapter(16, "auto")
+    side = int((CHANNELS_LAST_MAX_ELEMENTS // 16) ** 0.5)  # output side at the threshold
+    assert auto.channels_last(torch.empty(1, side // 2, side // 2, 16))
+    assert not auto.channels_last(torch.empty(1, side, side, 16))
+    with torch.no_grad():  # forward-only passes always run channels-last
+        assert auto.channels_last(torch.empty(1, side, side, 16))
+    with pytest.raises(ValueError, match="perceiver.conv_layout='nhwc'"):
+        ConvAdapter(16, "nhwc")
 
 
 def test_positional_encoding():
