@@ -179,6 +179,46 @@ def test_loss_on_points_and_no_object_weight():
     assert with_no["loss_class"] > 1e-3 and without["loss_class"] < 1e-6
 
 
+def test_foreground_points_land_inside_each_gt_mask():
+    """loss.foreground_points: that fraction of an image's points falls inside its GT masks (evenly per mask,
+    read as target 1 by the same nearest rule as the uniform points), padded or empty masks' share stays
+    uniform, and 0 keeps the uniform sampler's random stream (same points for the same seed)."""
+    from medsight.models.matching import sample_points
+
+    masks = torch.zeros(2, 3, 64, 64, dtype=torch.bool)
+    masks[0, 0, 10:12, 20:22] = True  # a 2x2 px lesion: 4 of 4096 pixels
+    masks[0, 1, 30:50, 5:60] = True
+    masks[1, 0, 0:3, 61:64] = True  # at the corner
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    masks[0, 2, :32] = True  # padded slot (valid False): its pixels must not attract points
+    pred = torch.zeros(2, 4, 16, 16)
+    torch.manual_seed(0)
+    _, t = sample_points(pred, masks, 600, foreground=0.5, mask_valid=valid)
+    k = 300 // 3  # per mask slot
+    assert t.shape == (2, 3, 600)
+    assert t[0, 0, :k].all() and t[0, 1, k:2 * k].all() and t[1, 0, :k].all()
+    assert t[0, 0].sum() <= k + 5  # the uniform rest hits the 4-pixel lesion ~0.6 times on average
+    assert 0.3 < t[0, 2, 2 * k:3 * k].float().mean() < 0.7  # the padded slot's points are uniform (half inside)
+    # foreground_box=2: uniform in each mask's bounding box doubled about its centre, clipped to the image
+    torch.manual_seed(0)
+    pred = torch.zeros(2, 4, 16, 16)
+    pred[..., :] = torch.arange(16.0)  # bilinear reads of a ramp give each point's x back
+    p, t = sample_points(pred, masks, 600, foreground=0.5, mask_valid=valid, box=2.0)
+    x = (p[0, 0, :k] + 0.5) * 4  # in 64 px units (logit pixel centres at 4 * (i + 0.5))
+    assert x.min() >= 18 - 1e-3 and x.max() <= 24 + 1e-3  # x box [20, 22) doubled -> [19, 23), ramp-clamped
+    assert 0.1 < t[0, 0, :k].float().mean() < 0.45  # a 2x2 object fills a quarter of its doubled box
+    corner = t[1, 0, :k].float().mean()
+    assert 0.4 < corner  # the corner object's box is clipped by the image: more of it is the object
+    torch.manual_seed(1)
+    p0, t0 = sample_points(torch.randn(2, 4, 16, 16), masks, 300, foreground=0.0)
+    torch.manual_seed(1)
+    p1, t1 = sample_points(torch.randn(2, 4, 16, 16), masks, 300)
+    torch.testing.assert_close(p0, p1)
+    torch.testing.assert_close(t0, t1)
+    with pytest.raises(ValueError, match="loss.foreground_points"):
+        SetCriterion(17, W, num_points=10, foreground_points=1.0)
+
+
 def test_loss_gradients_and_empty_images():
     masks, valid, labels = _case()
     valid[1] = False

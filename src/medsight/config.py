@@ -122,6 +122,9 @@ class LossConfig:
     no_object_weight: float = 0.1
     num_points: int = 0  # 0: loss at mask resolution (GT area-averaged); >0: sample this many points (Mask2Former
     #                      12544); -1: at the GT's resolution (predictions bilinearly upsampled, as the metric reads)
+    foreground_points: float = 0.0  # with num_points > 0: this fraction of the points is drawn inside the GT masks
+    #                                 (split evenly over an image's masks), the rest uniform
+    foreground_box: float = 0.0  # 0: those points inside each mask; > 0: in its bounding box scaled by this factor
     deep_supervision: bool = False  # also apply the loss to the init block's and intermediate stages' masks
 
 
