@@ -217,6 +217,8 @@ def test_foreground_points_land_inside_each_gt_mask():
     torch.testing.assert_close(t0, t1)
     with pytest.raises(ValueError, match="loss.foreground_points"):
         SetCriterion(17, W, num_points=10, foreground_points=1.0)
+    with pytest.raises(ValueError, match="loss.foreground_box"):
+        SetCriterion(17, W, num_points=10, foreground_points=0.25, foreground_box=-1.0)
 
 
 def test_loss_gradients_and_empty_images():

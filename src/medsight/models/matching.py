@@ -101,27 +101,26 @@ def sample_points(pred: torch.Tensor, masks: torch.Tensor, num_points: int, fore
     k = int(num_points * foreground) // m if m and foreground > 0 else 0
     if k:
         h, w = masks.shape[-2:]
-        flat = masks.flatten(2).float()  # (B, M, S*S)
-        usable = flat.sum(-1) > 0
+        present = masks.flatten(2) > 0  # (B, M, S*S)
+        usable = present.any(-1)
         if mask_valid is not None:
             usable &= mask_valid.bool()
         size = torch.tensor([w, h], device=pred.device, dtype=torch.float32)
         if box > 0:  # uniform in the scaled bounding box, in pixel units [0, w] x [0, h]
-            grid = flat.view(b, m, h, w) > 0
+            grid = present.view(b, m, h, w)
             lo, hi = [], []
             for axis, n in ((2, w), (3, h)):  # x: any over rows; y: any over columns
-                hit = grid.any(axis).float()  # (B, M, n)
+                hit = grid.any(axis)  # (B, M, n)
                 ar = torch.arange(n, device=pred.device, dtype=torch.float32)
-                lo.append(torch.where(hit > 0, ar, torch.full_like(ar, float(n))).amin(-1))
-                hi.append(torch.where(hit > 0, ar + 1, torch.zeros_like(ar)).amax(-1))
+                lo.append(torch.where(hit, ar, float(n)).amin(-1))
+                hi.append(torch.where(hit, ar + 1, 0.0).amax(-1))
             lo_t, hi_t = torch.stack(lo, -1), torch.stack(hi, -1)  # (B, M, 2) as (x, y)
             centre, half = (lo_t + hi_t) / 2, (hi_t - lo_t).clamp_min(1) * box / 2
             lo_t, hi_t = (centre - half).clamp_min(0), torch.minimum(centre + half, size)
             u = torch.rand(b, m, k, 2, device=pred.device)
-            xy = (lo_t[:, :, None] + u * (hi_t - lo_t)[:, :, None]).view(b, m * k, 2)
-            inside = xy / size * 2 - 1
+            inside = (lo_t[:, :, None] + u * (hi_t - lo_t)[:, :, None]).view(b, m * k, 2) / size * 2 - 1
         else:  # inside the mask: a pixel of it, then a point in that pixel (off its edges)
-            weights = torch.where(usable[..., None], flat, torch.ones_like(flat))  # unusable rows: any pixel
+            weights = torch.where(usable[..., None], present.float(), 1.0)  # unusable rows: any pixel
             pix = torch.multinomial(weights.view(b * m, -1), k, replacement=True).view(b, m * k)
             jitter = torch.rand(b, m * k, 2, device=pred.device) * 0.98 + 0.01
             xy = torch.stack(((pix % w).float(), (pix // w).float()), dim=-1)  # (B, M*k, 2) as (x, y)
@@ -213,6 +212,8 @@ class SetCriterion(nn.Module):
         super().__init__()
         if not 0.0 <= foreground_points < 1.0:
             raise ValueError(f"loss.foreground_points={foreground_points}: a fraction in [0, 1)")
+        if foreground_box < 0:
+            raise ValueError(f"loss.foreground_box={foreground_box}: 0 (inside the masks) or a box scale > 0")
         self.num_classes, self.w = num_classes, dict(weights)
         self.num_points, self.deep_supervision = num_points, deep_supervision
         self.foreground_points, self.foreground_box = foreground_points, foreground_box
@@ -257,8 +258,7 @@ class SetCriterion(nn.Module):
 
 def build_criterion(cfg: Any, num_classes: int | None = None) -> SetCriterion:
     return SetCriterion(num_classes or cfg.perceiver.num_classes, loss_weights(cfg.loss), cfg.loss.num_points,
-                        cfg.loss.deep_supervision, float(cfg.loss.get("foreground_points", 0.0)),
-                        float(cfg.loss.get("foreground_box", 0.0)))
+                        cfg.loss.deep_supervision, cfg.loss.foreground_points, cfg.loss.foreground_box)
 
 
 __all__ = [

@@ -223,7 +223,8 @@ class RegionPerceiver(nn.Module):
         self.in_proj = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
         self.query_embed = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.init_block = QueryUpdate(dim, heads, head_dim, ff_mult)
-        self.stages = nn.ModuleList(PerceiverStage(dim, heads, head_dim, ff_mult, pixel_ffn, conv_layout) for _ in range(num_stages))
+        self.stages = nn.ModuleList(PerceiverStage(dim, heads, head_dim, ff_mult, pixel_ffn, conv_layout)
+                                    for _ in range(num_stages))
         self.mask_embed = nn.Linear(dim, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)
         # mask logits are a d-term dot product of layer-normed vectors: with the default init their std is
@@ -249,8 +250,9 @@ class RegionPerceiver(nn.Module):
         return allow | ~allow.any(dim=-1, keepdim=True)
 
     def forward(self, feats: torch.Tensor, queries: torch.Tensor | None = None) -> dict:
-        # contiguous (B, H, W, D): a conv encoder's output is a permuted NCHW view, and every op after it
-        # (LayerNorm, the pixel attention, the mask head) ran ~4x slower on that layout (measured, no_grad, d=128)
+        # contiguous (B, H, W, D): an encoder may hand over a permuted NCHW view (the tiny conv encoder did before
+        # it made its own output contiguous), and every op after it (LayerNorm, the pixel attention, the mask
+        # head) ran ~4x slower on that layout (measured, no_grad, d=128); a no-op on contiguous input
         f = self._add_pos(self.in_proj(feats.contiguous()))  # (B, H, W, d)
         b = f.shape[0]
         q = self.query_embed.unsqueeze(0).expand(b, -1, -1) if queries is None else queries  # (B, M, d)
@@ -287,7 +289,7 @@ def build_perceiver(cfg: DictConfig, in_dim: int) -> nn.Module:
         from medsight.models.perceiver_reference import ReferenceRegionPerceiver
 
         return ReferenceRegionPerceiver(**kwargs)
-    return RegionPerceiver(**kwargs, conv_layout=p.get("conv_layout", "auto"))
+    return RegionPerceiver(**kwargs, conv_layout=p.conv_layout)
 
 
 __all__ = ["CONV_LAYOUTS", "CrossAttention", "PERCEIVER_VARIANTS", "RegionPerceiver", "build_perceiver", "sine_position_encoding"]
