@@ -81,15 +81,16 @@ def test_masked_forward_is_finite_when_everything_blocked():
 
 
 def test_adapter_layouts_compute_the_same_function():
-    """The conv layouts are a speed choice: outputs and every gradient agree with the NCHW path, `auto` picks
-    channels-last for small maps and NCHW for large ones while training on CPU, and a typo fails by name."""
+    """The direct adapter's conv layouts are a speed choice: outputs and every gradient agree with the NCHW
+    path, `auto` picks channels-last for small maps and NCHW for large ones while training on CPU, and a typo
+    fails by name."""
     torch.manual_seed(0)
-    ref = ConvAdapter(16, "nchw")
+    ref = ConvAdapter(16, "nchw", "direct")
     f = torch.randn(2, 6, 5, 16)
     g = torch.randn(2, 12, 10, 16)
     results = {}
     for layout in ("nchw", "channels_last", "auto"):
-        ad = ConvAdapter(16, layout)
+        ad = ConvAdapter(16, layout, "direct")
         ad.load_state_dict(ref.state_dict())
         x = f.clone().requires_grad_()
         y = ad(x)
@@ -107,6 +108,35 @@ def test_adapter_layouts_compute_the_same_function():
         assert auto.channels_last(torch.empty(1, side, side, 16))
     with pytest.raises(ValueError, match="perceiver.conv_layout='nhwc'"):
         ConvAdapter(16, "nhwc")
+    with pytest.raises(ValueError, match="perceiver.adapter_impl='fast'"):
+        ConvAdapter(16, "auto", "fast")
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (7, 4), (12, 12)])
+def test_factored_adapter_is_upsample_then_conv(h, w):
+    """The factored adapter (channel mixing at the input resolution, then one matmul per axis for the
+    upsample-and-shift) against torch's own bilinear x2 + zero-padded 3x3 conv on the same parameters, in
+    float64: outputs and the gradients of the input, weight and bias. Edges included (1x1 and non-square maps);
+    the tap matrices are built once and also serve a pass that runs after an inference-mode one."""
+    torch.manual_seed(h * 10 + w)
+    ad = ConvAdapter(8, impl="factored").double()
+    with torch.inference_mode():  # builds (and caches) the tap matrices inside inference mode first
+        ad(torch.randn(1, h, w, 8, dtype=torch.float64))
+    x = torch.randn(3, h, w, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 2 * h, 2 * w, 8, dtype=torch.float64)
+    y = ad(x)
+    assert y.shape == (3, 2 * h, 2 * w, 8) and y.is_contiguous()
+    got = torch.autograd.grad(y, (x, ad.conv.weight, ad.conv.bias), g)
+    up = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    oracle = F.conv2d(up, ad.conv.weight, ad.conv.bias, padding=1).permute(0, 2, 3, 1)
+    want = torch.autograd.grad(oracle, (x, ad.conv.weight, ad.conv.bias), g)
+    torch.testing.assert_close(y, oracle, atol=1e-12, rtol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a mixed-precision pass runs and stays close
+        yb = ad.float()(x.detach().float())
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), oracle.detach().float(), atol=0.1, rtol=0.05)
 
 
 def test_positional_encoding():
