@@ -84,6 +84,37 @@ def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks.float(), size=size, mode="area")
 
 
+def _points_in_boxes(present: torch.Tensor, k: int, box: float) -> torch.Tensor:
+    """k points per mask uniform in its bounding box scaled by `box` about its centre, clipped to the image:
+    present (B, M, h, w) bool -> (B, M*k, 2) grid_sample coords (x, y)."""
+    b, m, h, w = present.shape
+    dev = present.device
+    lo, hi = [], []
+    for axis, n in ((2, w), (3, h)):  # x: any over rows; y: any over columns
+        hit = present.any(axis)  # (B, M, n)
+        ar = torch.arange(n, device=dev, dtype=torch.float32)
+        lo.append(torch.where(hit, ar, float(n)).amin(-1))
+        hi.append(torch.where(hit, ar + 1, 0.0).amax(-1))
+    lo_t, hi_t = torch.stack(lo, -1), torch.stack(hi, -1)  # (B, M, 2) as (x, y), pixel units
+    size = torch.tensor([w, h], device=dev, dtype=torch.float32)
+    centre, half = (lo_t + hi_t) / 2, (hi_t - lo_t).clamp_min(1) * box / 2
+    lo_t, hi_t = (centre - half).clamp_min(0), torch.minimum(centre + half, size)
+    u = torch.rand(b, m, k, 2, device=dev)
+    return (lo_t[:, :, None] + u * (hi_t - lo_t)[:, :, None]).view(b, m * k, 2) / size * 2 - 1
+
+
+def _points_in_masks(present: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:
+    """k points per mask inside it (a pixel of the mask, then a point in that pixel, off its edges); rows that
+    are not `usable` draw any pixel: present (B, M, h, w) bool -> (B, M*k, 2) grid_sample coords (x, y)."""
+    b, m, h, w = present.shape
+    size = torch.tensor([w, h], device=present.device, dtype=torch.float32)
+    weights = torch.where(usable[..., None], present.flatten(2).float(), 1.0)
+    pix = torch.multinomial(weights.view(b * m, -1), k, replacement=True).view(b, m * k)
+    jitter = torch.rand(b, m * k, 2, device=present.device) * 0.98 + 0.01
+    xy = torch.stack(((pix % w).float(), (pix // w).float()), dim=-1)  # (B, M*k, 2) as (x, y)
+    return (xy + jitter) / size * 2 - 1
+
+
 def sample_points(pred: torch.Tensor, masks: torch.Tensor, num_points: int, foreground: float = 0.0,
                   mask_valid: torch.Tensor | None = None, box: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random points, shared by every query and mask of an image: pred (B, N, h, w) and masks (B, M, S, S)
@@ -100,31 +131,11 @@ def sample_points(pred: torch.Tensor, masks: torch.Tensor, num_points: int, fore
     coords = torch.rand(b, 1, num_points, 2, device=pred.device) * 2 - 1  # grid_sample coords in [-1, 1]
     k = int(num_points * foreground) // m if m and foreground > 0 else 0
     if k:
-        h, w = masks.shape[-2:]
-        present = masks.flatten(2) > 0  # (B, M, S*S)
-        usable = present.any(-1)
+        present = masks > 0  # (B, M, S, S)
+        usable = present.flatten(2).any(-1)
         if mask_valid is not None:
             usable &= mask_valid.bool()
-        size = torch.tensor([w, h], device=pred.device, dtype=torch.float32)
-        if box > 0:  # uniform in the scaled bounding box, in pixel units [0, w] x [0, h]
-            grid = present.view(b, m, h, w)
-            lo, hi = [], []
-            for axis, n in ((2, w), (3, h)):  # x: any over rows; y: any over columns
-                hit = grid.any(axis)  # (B, M, n)
-                ar = torch.arange(n, device=pred.device, dtype=torch.float32)
-                lo.append(torch.where(hit, ar, float(n)).amin(-1))
-                hi.append(torch.where(hit, ar + 1, 0.0).amax(-1))
-            lo_t, hi_t = torch.stack(lo, -1), torch.stack(hi, -1)  # (B, M, 2) as (x, y)
-            centre, half = (lo_t + hi_t) / 2, (hi_t - lo_t).clamp_min(1) * box / 2
-            lo_t, hi_t = (centre - half).clamp_min(0), torch.minimum(centre + half, size)
-            u = torch.rand(b, m, k, 2, device=pred.device)
-            inside = (lo_t[:, :, None] + u * (hi_t - lo_t)[:, :, None]).view(b, m * k, 2) / size * 2 - 1
-        else:  # inside the mask: a pixel of it, then a point in that pixel (off its edges)
-            weights = torch.where(usable[..., None], present.float(), 1.0)  # unusable rows: any pixel
-            pix = torch.multinomial(weights.view(b * m, -1), k, replacement=True).view(b, m * k)
-            jitter = torch.rand(b, m * k, 2, device=pred.device) * 0.98 + 0.01
-            xy = torch.stack(((pix % w).float(), (pix // w).float()), dim=-1)  # (B, M*k, 2) as (x, y)
-            inside = (xy + jitter) / size * 2 - 1
+        inside = _points_in_boxes(present, k, box) if box > 0 else _points_in_masks(present, usable, k)
         keep = usable.repeat_interleave(k, dim=1)[..., None]  # (B, M*k, 1)
         coords[:, 0, : m * k] = torch.where(keep, inside, coords[:, 0, : m * k])
     p = F.grid_sample(pred, coords.to(pred.dtype), mode="bilinear", align_corners=False).squeeze(2)
