@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from medsight import codes
-from medsight.codes import Regions
 from medsight.config import from_dict, previous_export, to_dict
 from medsight.export import require_export, save_export, write_metrics
 from medsight.manifest import manifest_digest, staged_dir
@@ -35,6 +34,7 @@ from medsight.models.matching import (
     loss_weights,
     sigmoid_bce_loss,
 )
+from medsight.regions import BucketBatches, Regions, collate_regions, encode_regions
 from medsight.resume import ResumableLoader
 from medsight.train import (
     build_trainer,
@@ -74,7 +74,7 @@ class CodebookModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ cached inputs
     def set_regions(self, regions: list[Regions], dice_continuous: float) -> None:
-        """The frozen outputs computed once (codes.encode_regions): train/val splits are used here."""
+        """The frozen outputs computed once (regions.encode_regions): train/val splits are used here."""
         self.train_regions = [r for r in regions if r.split == "train"]
         self.val_regions = [r for r in regions if r.split == "val"]
         self.dice_continuous = float(dice_continuous)
@@ -88,8 +88,8 @@ class CodebookModule(L.LightningModule):
         self.bank_mod = torch.tensor([r.group for r in self.train_regions])
 
     def _loader(self, regions: list[Regions], batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = codes.BucketBatches([r.num_single for r in regions], batch_size, shuffle, seed=self.cfg.seed)
-        return ResumableLoader(regions, batch_sampler=sampler, collate_fn=codes.collate_regions)
+        sampler = BucketBatches([r.num_single for r in regions], batch_size, shuffle, seed=self.cfg.seed)
+        return ResumableLoader(regions, batch_sampler=sampler, collate_fn=collate_regions)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_regions, int(self.cfg.data.batch_size), True)
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from medsight.spill import SpillFile
 
     spill = SpillFile(out / "spill", float(cfg.codebook.region_store_mb))  # bounded memory at real scale
-    regions = codes.encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont.to(device),
-                                   device=device, autocast=default_precision(cfg).startswith("bf16"), spill=spill)
+    regions = encode_regions(model.vision, model.perceiver, loader, model.w, metric=cont.to(device),
+                             device=device, autocast=default_precision(cfg).startswith("bf16"), spill=spill)
     if spill.on_disk:
         log.info("stage 2: %.0f MB of frozen features/masks kept on disk in %s (codebook.region_store_mb=%g)",
                  spill.on_disk / 2**20, out / "spill", cfg.codebook.region_store_mb)

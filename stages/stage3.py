@@ -29,8 +29,8 @@ from medsight.joint_eval import evaluate
 from medsight.manifest import manifest_digest, staged_dir
 from medsight.model import build_joint, load_joint, save_joint
 from medsight.models import load_stage1
-from medsight.models.joint import apply_lora, row_masked_params, set_phase
 from medsight.models.llm import init_code_embeddings
+from medsight.models.phases import apply_lora, row_masked_params, set_phase
 from medsight.train import (
     build_trainer,
     cosine_with_warmup,
@@ -76,7 +76,7 @@ class JointLLMModule(L.LightningModule):
         self.model = model
         self.phase = phase
         self.phase_key = phase + ("+lora" if lora else "")
-        self.param_counts = set_phase(model, self.phase_key)  # what trains: the one place (joint.PHASES)
+        self.param_counts = set_phase(model, self.phase_key)  # what trains: the one place (phases.PHASES)
         self.coded = CodedText(Path(stage2).parent / "coded")
 
     def on_train_epoch_start(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from medsight import cli
 from medsight.benchmarks import MCQ_SUFFIX, run_benchmarks
-from medsight.evaluate import EvalInputError, score_diagseg_file, score_mcq_file, score_vqa_file
+from medsight.scoring import EvalInputError, score_diagseg_file, score_mcq_file, score_vqa_file
 from tests import format_fixtures as fx
 
 

@@ -17,7 +17,8 @@ from medsight.config import load_config
 from medsight.data import DataError
 from medsight.data.check import main as check_main
 from medsight.data.check import run_check
-from medsight.data.datamodule import MedicalDataModule, collate
+from medsight.data.datamodule import MedicalDataModule
+from medsight.data.dataset import collate
 from medsight.data.io import WINDOWS, load_image, read_image, write_mask
 from medsight.data.readers import ErrorPolicy, read_biomedparse
 from medsight.data.synthetic import ensure_synthetic, generate, generator_params
@@ -404,12 +405,13 @@ def test_error_policy_rejects_unknown_mode():
 def test_synthetic_vqa_answers_follow_the_findings(lesions):
     """Generated yes/no answers are true of the image: a side with an infection is "yes" (both sides when both
     lungs are infected), the image's own modality is "yes", another modality "no"."""
-    from medsight.data.synthetic import GROUPS, _vqa_items
+    from medsight.data.synthetic_images import GROUPS
+    from medsight.data.synthetic_text import vqa_items
 
     xray = next(g for g in GROUPS if g.name == "X-Ray")
     sides = {t.split()[0] for t in lesions}
     for seed in range(20):
-        for q, a, _kind in _vqa_items(xray, lesions, np.random.default_rng(seed)):
+        for q, a, _kind in vqa_items(xray, lesions, np.random.default_rng(seed)):
             if q.startswith("Is the infection in the"):
                 assert a == ("yes" if q.split()[-2] in sides else "no"), (q, a)
             if q.startswith("Is there an infection in the"):

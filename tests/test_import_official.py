@@ -369,9 +369,10 @@ def test_released_codebook_assigns_codes_like_the_reference(released, tmp_path):
     image's group codebook to the L2-normalised to_code(query) (the reference's hard assignment)."""
     import torch.nn.functional as F
 
-    from medsight.codes import Regions, assign_codes
+    from medsight.codes import assign_codes
     from medsight.interop.official import import_official
     from medsight.interop.reference_codebook import load_reference_quantizer
+    from medsight.regions import Regions
 
     r = released["root"]
     g = torch.Generator().manual_seed(7)

@@ -9,7 +9,9 @@ import torch
 
 from medsight.config import load_config
 from medsight.models import stage1_components
-from medsight.models.joint import IGNORE, PHASES, dice_bce, row_masked_params, set_phase
+from medsight.models.chat import IGNORE
+from medsight.models.joint import dice_bce
+from medsight.models.phases import PHASES, row_masked_params, set_phase
 from medsight.vocab import code_token
 
 CORPUS = ["Is there a tumor in the liver?", "yes", "no", "Segment the liver.", "Sure, the liver is at <mask>.",
@@ -178,7 +180,7 @@ def test_phase_trainable_sets(tmp_path):
 
 def test_lora_instruct_save_reload_equal(tmp_path):
     from medsight.model import MedSight, load_joint, save_joint
-    from medsight.models.joint import apply_lora
+    from medsight.models.phases import apply_lora
 
     model, cfg = small_joint(tmp_path, "llm.lora.enabled=true", "llm.lora.r=4")
     lo = cfg.llm.lora

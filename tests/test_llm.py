@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medsight.config import load_config
-from medsight.models.joint import IGNORE, encode_conversation
+from medsight.models.chat import IGNORE, encode_conversation
 from medsight.models.llm import (
     LLM_BACKBONES,
     SYSTEM_PROMPT,

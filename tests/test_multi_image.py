@@ -168,7 +168,7 @@ def test_caches_are_bounded():
 
 
 def test_image_store_is_bounded(tmp_path):
-    from medsight.data.datamodule import _Store
+    from medsight.data.dataset import _Store
     from medsight.data.formats.common import Sample
 
     paths = [fx.image(tmp_path / f"{i}.png", size=40, seed=i) for i in range(6)]
@@ -182,8 +182,9 @@ def test_image_store_is_bounded(tmp_path):
 
 def test_preload_stops_when_the_cache_is_full(tmp_path):
     from medsight.config import load_config
-    from medsight.data.datamodule import MedicalDataset, _Store, split_transform
+    from medsight.data.dataset import MedicalDataset, _Store
     from medsight.data.formats.common import ErrorPolicy, Sample
+    from medsight.data.transforms import split_transform
 
     paths = [fx.image(tmp_path / f"{i}.png", size=40, seed=i) for i in range(6)]
     store = _Store(16, True, max_mb=2.5 * 3 * 16 * 16 / 2**20)
@@ -197,7 +198,7 @@ def test_preload_stops_when_the_cache_is_full(tmp_path):
 
 def test_stage2_region_store_spills_to_disk_beyond_its_budget(tmp_path):
     """Beyond the memory budget feats/masks go to one file; collate_regions reads back the same values."""
-    from medsight.codes import Regions, collate_regions
+    from medsight.regions import Regions, collate_regions
     from medsight.spill import Spilled, SpillFile
 
     spill = SpillFile(tmp_path / "spill", budget_mb=(4 * 4 * 8 * 4 + 2 * 16 * 16) / 2**20)  # one image's worth

@@ -126,8 +126,8 @@ def test_stage3_phase_kill_mid_epoch(synthetic_root, tmp_path, monkeypatch):
 def test_samplers_continue_an_epoch():
     """Each training sampler, resumed at (epoch, k), yields exactly the rest of that epoch, then the same
     next epoch as an uninterrupted one; a finished epoch resumes at the next."""
-    from medsight.codes import BucketBatches
     from medsight.joint_data import LengthGroupedBatches
+    from medsight.regions import BucketBatches
     from medsight.resume import SeededShuffle
 
     def batches_of(s):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from medsight import cli
-from medsight.evaluate import EvalInputError, score_mcq_file, score_vqa_file
 from medsight.metrics.diagseg import (
     DiagSegRecord,
     dice,
@@ -36,6 +35,7 @@ from medsight.metrics.vqa import (
     open_score_strict,
     parse_yes_no,
 )
+from medsight.scoring import EvalInputError, score_mcq_file, score_vqa_file
 from tests import reference_scorers as ref
 
 DATA = Path(__file__).parent / "data"

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medsight.codes import Regions, code_record, consistency_report
+from medsight.codes import code_record, consistency_report
 from medsight.config import load_config, run_dir
 from medsight.export import ExportError, load_component, read_meta, save_export
 from medsight.models import stage1_components
 from medsight.models.codebook import build_quantizer, load_quantizer
+from medsight.regions import Regions
 
 TINY = ["vision.width=32", "vision.depth=1", "perceiver.dim=32", "perceiver.num_queries=8", "perceiver.num_stages=1",
         "perceiver.heads=2", "perceiver.head_dim=16", "codebook.num_codes=8", "codebook.code_dim=16",
@@ -187,7 +188,7 @@ def test_stage2_fast_dev_run(tmp_path, tiny_root):
 
 
 def test_bucket_batches_group_images_by_mask_count():
-    from medsight.codes import BucketBatches
+    from medsight.regions import BucketBatches
 
     sizes = [1, 3, 0, 3, 1, 1, 2, 3, 0]
     sampler = BucketBatches(sizes, batch_size=2, shuffle=True, seed=0)

@@ -57,7 +57,7 @@ def tiny_joint(cfg, tokenizer_dir: Path | str):
     """The stage-3 joint model of `cfg` (random stage-1 modules, the tiny LLM) in the instruct phase."""
     from medsight.model import build_joint
     from medsight.models import stage1_components
-    from medsight.models.joint import set_phase
+    from medsight.models.phases import set_phase
     from medsight.vocab import code_token
 
     comps = stage1_components(cfg)

@@ -29,8 +29,8 @@ from medsight.data import DataError
 from medsight.data.formats import read_format
 from medsight.data.formats.common import PathMap, Sample, as_path_map
 from medsight.data.formats.omnimedvqa import ALL_MODALITIES, PAPER_MODALITIES
-from medsight.evaluate import EvalInputError, score_diagseg_file, score_mcq_file, score_vqa_file
 from medsight.metrics.vqa import PROTOCOLS
+from medsight.scoring import EvalInputError, score_diagseg_file, score_mcq_file, score_vqa_file
 
 log = logging.getLogger(__name__)
 

@@ -142,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "eval" and args.task in ("vqa", "mcq"):
-        from medsight.evaluate import SCORERS
+        from medsight.scoring import SCORERS
 
         result = SCORERS[args.task](args.gt, args.pred, args.protocol)
     elif args.command == "eval" and args.task == "diagseg":
         from medsight.data.formats.common import PathMap
-        from medsight.evaluate import score_diagseg_file
+        from medsight.scoring import score_diagseg_file
 
         result = score_diagseg_file(args.gt, args.pred, args.masks_dir, args.protocol, PathMap.parse(args.path_map))
     elif args.command == "eval" and args.task == "run" and args.benchmark:
@@ -205,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medsight.atomic import OutputError
     from medsight.data import DataError
-    from medsight.evaluate import EvalInputError
     from medsight.export import ExportError
+    from medsight.scoring import EvalInputError
 
     try:
         return _run(args)

@@ -31,7 +31,8 @@ from medsight.export import (
     save_export,
 )
 from medsight.manifest import verify_folder
-from medsight.models.joint import MedSightLM, apply_lora
+from medsight.models.joint import MedSightLM
+from medsight.models.phases import apply_lora
 from medsight.vocab import CLASSES
 
 log = logging.getLogger("medsight")

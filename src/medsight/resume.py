@@ -3,7 +3,7 @@ same weights and metrics as an uninterrupted run (fp32, CPU, same seed).
 
 What makes it exact:
 - **Data order**: every training sampler (stage 1's shuffle `SeededShuffle`, stage 2's buckets
-  `medsight.codes.BucketBatches`, stage 3's length-grouped batches `medsight.joint_data.LengthGroupedBatches`)
+  `medsight.regions.BucketBatches`, stage 3's length-grouped batches `medsight.joint_data.LengthGroupedBatches`)
   is an `EpochBatches`: epoch e's order is a function of (seed, e) only, and it can start an epoch at batch k.
   `ResumableLoader` (a DataLoader) hands (epoch, batches consumed) to Lightning's stateful-loader hooks, so
   the position is saved in `last.ckpt` and restored before the first batch is fetched.

@@ -25,7 +25,9 @@ several images per sample (PubMedVision rows; vqa and instruct tasks), only when
 
 Public API (import from the submodules; this package only defines DataError):
     medsight.data.datamodule  MedicalDataModule(cfg, task, collate_fn=None, sources=None): .dataset(split),
-                              .records(split), train/val/test_dataloader(), .skipped; collate(samples)
+                              .records(split), train/val/test_dataloader(), .skipped
+    medsight.data.dataset     MedicalDataset(samples, task, split, store, transform, policy), collate(samples)
+    medsight.data.transforms  load_transform(image_size), split_transform(cfg, task, split) (MONAI dict transforms)
     medsight.data.io          load_image(path, slice_index=None, axis=2, window=None) -> (H, W, 3) uint8;
                               read_image(...) -> (array, ImageGeometry); read_mask; write_mask; WINDOWS
     medsight.data.formats     FORMATS (name -> reader of a distributed layout: vqa-rad, slake, pathvqa,

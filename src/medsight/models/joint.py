@@ -20,66 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsight.models.chat import IGNORE, encode_conversation, left_pad
 from medsight.models.llm import IMAGE_TOKEN, SYSTEM_PROMPT
 from medsight.models.projectors import TextToVision, VisionToText
-
-IGNORE = -100
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-# ------------------------------------------------------------------------------------- text side
-def to_messages(conversation: list[dict], system: str | None = SYSTEM_PROMPT) -> list[dict]:
-    """LLaVA turns [{"from": "human"|"gpt", "value"}] -> chat messages with a system prompt."""
-    msgs = [{"role": "system", "content": system}] if system else []
-    for turn in conversation:
-        role = ROLES.get(turn.get("from", turn.get("role")))
-        if role is None:
-            raise ValueError(f"conversation turn with unknown speaker {turn.get('from')!r}")
-        msgs.append({"role": role, "content": turn.get("value", turn.get("content"))})
-    return msgs
-
-
-def encode_conversation(tokenizer, conversation: list[dict], generation_prompt: bool = False,
-                        max_length: int | None = None, system: str | None = SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation rendered with the tokenizer's chat template. Labels keep the
-    tokens of assistant contents plus the end-of-turn token that follows each; everything else is -100.
-    `generation_prompt=True` renders the prompt for the next assistant turn (no labels needed)."""
-    msgs = to_messages(conversation, system)
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-    spans, pos = [], 0
-    for m in msgs:
-        start = text.find(m["content"], pos)
-        if start < 0:
-            raise ValueError(f"chat template dropped a message: {m['content'][:60]!r}")
-        pos = start + len(m["content"])
-        if m["role"] == "assistant":
-            spans.append((start, pos))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE] * len(ids)
-    specials = set(tokenizer.all_special_ids)
-    for a, b in spans:
-        inside = [j for j, (s, e) in enumerate(offsets) if s < b and e > a]
-        for j in inside:
-            labels[j] = ids[j]
-        nxt = (inside[-1] + 1) if inside else next((j for j, (s, _) in enumerate(offsets) if s >= b), len(ids))
-        if nxt < len(ids) and ids[nxt] in specials:  # the end-of-turn token (<|im_end|>, <|eot_id|>)
-            labels[nxt] = ids[nxt]
-    if max_length is not None and len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return ids, labels
-
-
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) left-padded ids and attention mask."""
-    t = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, t - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, t - len(s):] = 1
-    return ids, mask
 
 
 # -------------------------------------------------------------------------------------- mask loss
@@ -533,79 +476,6 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], name: str) -
     module.load_state_dict(state, strict=True)
 
 
-# -------------------------------------------------------------------------------- what trains
-#: The one place each phase's trainable set is declared (SPEC section 5). `rows`: the code tokens' rows of
-#: the input embedding (and of an untied lm_head) train through a gradient row mask, the rest of those
-#: matrices stays frozen. `lora`: the instruct phase with llm.lora.enabled.
-PHASES: dict[str, dict[str, Any]] = {
-    "align": {"modules": ["projector_v2t"], "rows": False},
-    "ground": {"modules": ["projector_t2v"], "rows": True},
-    "instruct": {"modules": ["llm", "projector_v2t", "projector_t2v"], "rows": False},
-    "instruct+lora": {"modules": ["projector_v2t", "projector_t2v"], "rows": True, "lora": True, "lm_head": True},
-}
-
-
-def apply_lora(model: MedSightLM, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
-    """Wrap the LLM with peft LoRA adapters (instruct phase with llm.lora.enabled)."""
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(model.llm, "get_base_model"):
-        return
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                     task_type="CAUSAL_LM")
-    model.llm = get_peft_model(model.llm, cfg)
-
-
-def set_phase(model: MedSightLM, phase: str) -> dict[str, int]:
-    """Freeze everything, then unfreeze what `phase` trains (PHASES); returns parameter counts with
-    `code_rows` = the number of trainable code-token rows' entries."""
-    from medsight.train import declare_trainable
-
-    spec = PHASES[phase]
-    for h in model._row_hooks:
-        h.remove()
-    model._row_hooks, model._row_params = [], []
-    counts = declare_trainable(model, spec["modules"])
-    lm = model.causal_lm()
-    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    tied = emb.data_ptr() == head.data_ptr()
-    if spec.get("lora"):
-        for n, p in model.llm.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
-    if spec.get("lm_head") and not tied:
-        head.requires_grad_(True)
-    rows = 0
-    if spec["rows"]:
-        keep = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
-        keep[model.code_ids] = 1
-        masked = [emb] + ([head] if not tied and not spec.get("lm_head") else [])
-        for w in masked:
-            w.requires_grad_(True)
-            model._row_hooks.append(w.register_hook(lambda g, keep=keep: g * _like(keep, g)))
-            model._row_params.append(w)
-            rows += len(model.code_ids) * w.shape[1]
-    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counts["frozen"] = counts["total"] - counts["trainable"]
-    counts["code_rows"] = rows
-    return counts
-
-
-def _like(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The row mask in the gradient's dtype and, for a sharded (FSDP2 DTensor) gradient, its placement."""
-    mask = mask.to(device=grad.device, dtype=grad.dtype)
-    if hasattr(grad, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(mask, grad.device_mesh, grad.placements)
-    return mask
-
-
-def row_masked_params(model: MedSightLM) -> list[nn.Parameter]:
-    """Parameters trained through a row mask (they get no weight decay: decay would move the frozen rows)."""
-    return list(model._row_params)
-
-
 def joint_components(cfg) -> dict[str, Any]:
     """Parts of the joint model for `medsight.inspect` (built on the current default device, e.g. meta):
     vision, perceiver, llm (with the code tokens added), projector_v2t, projector_t2v, code_tokens (count)."""
@@ -624,16 +494,9 @@ def joint_components(cfg) -> dict[str, Any]:
 
 
 __all__ = [
-    "IGNORE",
-    "PHASES",
     "MedSightLM",
     "Prediction",
-    "apply_lora",
     "dice_bce",
     "dice_score",
-    "encode_conversation",
     "joint_components",
-    "left_pad",
-    "set_phase",
-    "to_messages",
 ]
