@@ -111,7 +111,7 @@ class PerceiverModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         o = self.cfg.optim
         return adamw_cosine(self.parameters(), o.lr, o.weight_decay, self.cfg.trainer.max_steps, o.warmup_frac,
-                            o.min_lr_ratio)
+                            o.min_lr_ratio, self.cfg)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from medsight.models.matching import (
 from medsight.regions import BucketBatches, Regions, collate_regions, encode_regions
 from medsight.resume import ResumableLoader
 from medsight.train import (
+    adamw,
     build_trainer,
     cosine_with_warmup,
     declare_trainable,
@@ -223,7 +224,7 @@ class CodebookModule(L.LightningModule):
         slow = [*q.w_q.parameters(), q.codebook]
         fast = [p for p in q.parameters() if all(p is not s for s in slow)]
         groups = [{"params": fast}, {"params": slow, "lr": o.lr * self.cfg.codebook.encoder_lr_scale}]
-        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        opt = adamw(groups, o.lr, self.cfg, weight_decay=o.weight_decay)
         sched = cosine_with_warmup(opt, self.cfg.trainer.max_steps, o.warmup_frac, o.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

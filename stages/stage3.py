@@ -32,6 +32,7 @@ from medsight.models import load_stage1
 from medsight.models.llm import init_code_embeddings
 from medsight.models.phases import apply_lora, row_masked_params, set_phase
 from medsight.train import (
+    adamw,
     build_trainer,
     cosine_with_warmup,
     log,
@@ -111,7 +112,7 @@ class JointLLMModule(L.LightningModule):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if id(p) not in rows], "weight_decay": o.weight_decay},
                   {"params": [p for p in trainable if id(p) in rows], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=pc.lr)
+        opt = adamw([g for g in groups if g["params"]], pc.lr, self.cfg)
         total = self.hparams.total_steps
         if pc.max_epochs:  # Lightning's count: epochs x batches per process / gradient accumulation
             total = int(self.trainer.estimated_stepping_batches)

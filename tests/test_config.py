@@ -42,6 +42,7 @@ def test_paper_overlay_values():
         ("data.on_error=ignore", ["data.on_error", "raise"]),
         ("stage3.phases=[align,typo]", ["stage3.phases", "typo"]),
         ("codebook.num_groups=5", ["codebook.num_groups", "modality_groups"]),
+        ("optim.impl=fast", ["optim.impl", "fused"]),
     ],
 )
 def test_bad_config_names_the_key(override, words):

@@ -120,12 +120,13 @@ def bench_stage1_step(cfg, repeats: int, batch: int) -> dict:
     """Forward + backward + AdamW step of encoder + perceiver + set loss on one batch."""
     from medsight.models import stage1_components
     from medsight.models.matching import build_criterion
+    from medsight.train import adamw
 
     comps = stage1_components(cfg)
     vision, perceiver = comps["vision"], comps["perceiver"]
     crit = build_criterion(cfg)
     params = list(vision.parameters()) + list(perceiver.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = adamw(params, 1e-3, cfg)  # the stages' optimizer (optim.impl)
     s = cfg.data.image_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, s, s, generator=g)
@@ -195,7 +196,7 @@ def bench_stage3_and_generation(overrides: list[str], repeats: int, new_tokens: 
     convs = instruct_conversations(cfg.data.root, batch, model.code_tokens)
     masks = (torch.rand(batch, 1, s, s, generator=g) > 0.7).float()
     valid = torch.ones(batch, 1, dtype=torch.bool)
-    out = {"stage3_step": bench_joint_step(model, convs, images, masks, valid, repeats)}
+    out = {"stage3_step": bench_joint_step(model, convs, images, masks, valid, repeats, cfg)}
     gen: dict = {"new_tokens": new_tokens}
     for b in (1, 8):
         r = bench_generation(model, images[:b], convs[:b], new_tokens, repeats)

@@ -129,7 +129,9 @@ def stage1_case(overrides: list[str], dev: Device, mask_size: int, batches: list
     vision = comps["vision"].to(dev.name).requires_grad_(False).eval()
     perceiver = comps["perceiver"].to(dev.name)
     crit = build_criterion(cfg).to(dev.name)
-    opt = torch.optim.AdamW(perceiver.parameters(), lr=1e-4)
+    from medsight.train import adamw
+
+    opt = adamw(perceiver.parameters(), 1e-4, cfg)  # the stages' optimizer (optim.impl)
     s = cfg.data.image_size
 
     def make_step(b: int):
@@ -231,7 +233,7 @@ def stage3_case(shape: dict, dev: Device, lora: bool, batch: int, seq_len: int, 
             if "lora_" in n:
                 p.data = p.data.float()  # fp32 adapters, bf16 frozen weights
     params = [p for p in lm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # what optim.impl=auto picks on one GPU
     g = torch.Generator(device=dev.name).manual_seed(0)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq_len), device=dev.name, generator=g)
 

