@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medsight.config import load_config
-from medsight.train import ADAMW_IMPLS, adamw
+from medsight.train import ADAMW_IMPLS, adamw, auto_fuses
 
 
 def _textbook_adamw(params, grads, lr, wd, steps, betas=(0.9, 0.999), eps=1e-8):
@@ -53,15 +53,28 @@ def test_every_kernel_makes_the_adamw_update(impl):
 
 
 @pytest.mark.parametrize("overrides, fused", [
-    ([], True),  # plain float CPU parameters
-    (["trainer.precision=16-mixed"], False),  # Lightning cannot clip a fused optimizer's grads under fp16 scaling
-    (["trainer.strategy=fsdp"], False),
-    (["trainer.strategy=deepspeed_stage_2"], False),
+    ([], False),  # CPU: torch's default loop (the documented CPU runs' rounding)
+    (["optim.impl=fused"], True),
     (["optim.impl=for_loop"], False),
     (["optim.impl=foreach"], False),
 ])
-def test_auto_takes_the_fused_kernel_where_it_applies(overrides, fused):
+def test_optim_impl_picks_the_kernel(overrides, fused):
     cfg = load_config("stage1", [], overrides)
     opt = adamw([torch.nn.Parameter(torch.ones(3))], 1e-3, cfg)
     assert bool(opt.defaults["fused"]) is fused
     assert bool(opt.defaults["foreach"]) is ("optim.impl=foreach" in overrides)
+
+
+@pytest.mark.parametrize("devices, plain, precision, strategy, fused", [
+    ({"cuda"}, True, "bf16-mixed", "auto", True),
+    ({"cuda"}, True, "32-true", "ddp", True),
+    ({"cpu"}, True, "32-true", "auto", False),
+    ({"cuda", "cpu"}, True, "bf16-mixed", "auto", False),
+    ({"cuda"}, False, "bf16-mixed", "auto", False),  # a DTensor or integer parameter
+    ({"cuda"}, True, "16-mixed", "auto", False),  # Lightning cannot clip a fused optimizer under fp16 scaling
+    ({"cuda"}, True, "bf16-mixed", "fsdp", False),
+    ({"cuda"}, True, "bf16-mixed", "deepspeed_stage_2", False),
+    ({"cuda"}, True, "bf16-mixed", "model_parallel", False),
+])
+def test_auto_fuses_only_where_the_fused_kernel_applies(devices, plain, precision, strategy, fused):
+    assert auto_fuses(devices, plain, precision, strategy) is fused

@@ -232,8 +232,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_frac: float = 0.03
     min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
-    # AdamW kernel: auto = torch's fused one where it applies (plain float params on CPU/CUDA, no fp16 grad scaler,
-    # no FSDP/DeepSpeed/model-parallel sharding), else torch's default; fused | foreach | for_loop force one
+    # AdamW kernel: auto = torch's fused one on CUDA where it applies (no fp16 grad scaler, no FSDP/DeepSpeed/
+    # model-parallel sharding), else torch's default (on CPU the per-tensor loop); fused | foreach | for_loop force one
     impl: str = "auto"
 
 
