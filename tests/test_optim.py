@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from medsight.config import load_config
-from medsight.train import ADAMW_IMPLS, adamw, auto_fuses
+from medsight.config import ADAMW_IMPLS, load_config
+from medsight.train import adamw, auto_fuses
 
 
 def _textbook_adamw(params, grads, lr, wd, steps, betas=(0.9, 0.999), eps=1e-8):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from medsight.bench_llm import median_time
+from medsight.train import auto_fuses
 
 log = logging.getLogger("medsight")
 
@@ -123,14 +124,13 @@ def stage1_case(overrides: list[str], dev: Device, mask_size: int, batches: list
     from medsight.config import load_config
     from medsight.models import stage1_components
     from medsight.models.matching import build_criterion
+    from medsight.train import adamw
 
     cfg = load_config("stage1", [], overrides)
     comps = stage1_components(cfg)
     vision = comps["vision"].to(dev.name).requires_grad_(False).eval()
     perceiver = comps["perceiver"].to(dev.name)
     crit = build_criterion(cfg).to(dev.name)
-    from medsight.train import adamw
-
     opt = adamw(perceiver.parameters(), 1e-4, cfg)  # the stages' optimizer (optim.impl)
     s = cfg.data.image_size
 
@@ -233,7 +233,9 @@ def stage3_case(shape: dict, dev: Device, lora: bool, batch: int, seq_len: int, 
             if "lora_" in n:
                 p.data = p.data.float()  # fp32 adapters, bf16 frozen weights
     params = [p for p in lm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # what optim.impl=auto picks on one GPU
+    # optim.impl=auto's rule for this one-device bf16 run (fused on a GPU; the smoke run on CPU keeps the loop)
+    fused = auto_fuses({p.device.type for p in params}, True, "bf16-mixed", "auto")
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
     g = torch.Generator(device=dev.name).manual_seed(0)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq_len), device=dev.name, generator=g)
 

@@ -71,12 +71,12 @@ def bench_joint_step(model, conversations: list[list[dict]], images: torch.Tenso
                      valid: torch.Tensor, repeats: int, cfg) -> dict:
     """One instruct-phase train step of MedSightLM (CE + code-mask loss, backward, AdamW): tokens/s counts
     every non-padding position of the expanded sequence (text + image tokens)."""
+    from medsight.train import adamw
+
     model.train()
     batch = model.tokenize(conversations)
     feats, regions = model.encode_images(images)
     params = [p for p in model.parameters() if p.requires_grad]
-    from medsight.train import adamw
-
     opt = adamw(params, 1e-4, cfg)  # the stages' optimizer (optim.impl)
     with torch.no_grad():
         seq = model.build_inputs(batch["input_ids"], batch["attention_mask"], model.image_embeddings(feats, regions))

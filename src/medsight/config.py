@@ -226,6 +226,9 @@ class Stage3Config:
 
 
 # --------------------------------------------------------------------------------------- training
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")  # optim.impl (medsight.train.adamw)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
@@ -234,7 +237,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
     # AdamW kernel: auto = torch's fused one on CUDA where it applies (no fp16 grad scaler, no FSDP/DeepSpeed/
     # model-parallel sharding), else torch's default (on CPU the per-tensor loop); fused | foreach | for_loop force one
-    impl: str = "auto"
+    impl: str = "auto"  # one of ADAMW_IMPLS
 
 
 @dataclass
@@ -362,7 +365,7 @@ def _validate(cfg: DictConfig) -> None:
         "loss.preset": ("paper", "official_code"),
         "perceiver.variant": ("ours", "reference"),
         "data.preprocess": ("resize", "clip"),
-        "optim.impl": ("auto", "fused", "foreach", "for_loop"),
+        "optim.impl": ADAMW_IMPLS,
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -138,7 +138,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
 _UNFUSED_STRATEGIES = ("fsdp", "deepspeed", "model_parallel")  # sharded or wrapped parameters and optimizers
 
 
@@ -155,15 +154,16 @@ def auto_fuses(devices: set[str], plain: bool, precision: str, strategy: str) ->
 def adamw(params: Any, lr: float, cfg: DictConfig, **kwargs: Any) -> torch.optim.AdamW:
     """torch.optim.AdamW with the kernel chosen by `optim.impl` (auto: `auto_fuses`; fused | foreach |
     for_loop force one). The update is AdamW's whichever kernel runs (tests/test_optim.py)."""
-    impl = str(cfg.optim.impl)  # one of ADAMW_IMPLS (config._validate checks it)
+    impl = str(cfg.optim.impl)  # one of config.ADAMW_IMPLS (config._validate checks it)
+    params = list(params)
     if impl == "auto":
-        groups = list(params)
-        flat = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
         plain = all(type(p.data) is torch.Tensor and p.dtype.is_floating_point for p in flat)
         fused = auto_fuses({p.device.type for p in flat}, plain, str(cfg.trainer.precision or ""),
                            str(cfg.trainer.strategy))
-        return torch.optim.AdamW(groups, lr=lr, fused=fused or None, **kwargs)
-    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+        flags = {"fused": fused or None}  # None: torch's default kernel
+    else:
+        flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
     return torch.optim.AdamW(params, lr=lr, **flags, **kwargs)
 
 
