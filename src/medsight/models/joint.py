@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsight.models.chat import IGNORE, encode_conversation, left_pad
+from medsight.models.decode import direct_step
 from medsight.models.llm import IMAGE_TOKEN, SYSTEM_PROMPT
 from medsight.models.projectors import TextToVision, VisionToText
 
@@ -83,6 +84,7 @@ class MedSightLM(nn.Module):
         # False: the reference's prompt (no "<|im_start|>assistant\n"; the model writes it, stripped after)
         self.generation_prompt = True
         self.sampling: dict[str, float] | None = None  # {"temperature", "repetition_penalty"}; None: greedy
+        self.direct_decode = True  # cached steps through models.decode where the LLM's layout allows
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
         self.register_buffer("code_ids", torch.as_tensor(code_ids, dtype=torch.long), persistent=False)
         self._row_hooks: list[Any] = []
@@ -331,14 +333,16 @@ class MedSightLM(nn.Module):
                                    image_counts=image_counts)
         stop = torch.as_tensor(self.stop_ids(), device=feats.device)
         cache = DynamicCache(config=lm.config)
-        out = lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                 position_ids=inputs["position_ids"], cache=cache, use_cache=True, logits_to_keep=1)
+        logits = lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                    position_ids=inputs["position_ids"], cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         mask, pos = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+        step = direct_step(lm) if self.direct_decode else None  # None: Hugging Face's forward decodes
+        padded = not bool(mask.all())  # new tokens are never padding: decided once
         b = len(conversations)
         done = torch.zeros(b, dtype=torch.bool, device=feats.device)
         generated: list[list[int]] = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
-            nxt = self._next_token(out.logits[:, -1], generated)  # (B,)
+            nxt = self._next_token(logits, generated)  # (B,)
             for i in range(b):
                 if not done[i]:
                     generated[i].append(int(nxt[i]))
@@ -347,7 +351,11 @@ class MedSightLM(nn.Module):
                 break
             mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
             pos = pos + 1
-            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            if step is not None:
+                logits = step(nxt, pos, mask if padded else None, cache)
+            else:
+                logits = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                            use_cache=True).logits[:, -1]
         return prompt, generated
 
     def _next_token(self, logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
