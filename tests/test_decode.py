@@ -105,7 +105,7 @@ def test_what_it_does_not_claim_falls_back_to_hugging_face():
 
 def test_generate_decodes_the_same_tokens_either_way(tmp_path):
     """MedSightLM.generate with the direct step and with Hugging Face's forward: the same greedy tokens for a
-    padded batch of prompts of different lengths."""
+    padded batch of prompts of different lengths, and for one prompt alone (no mask)."""
     model, cfg = small_joint(tmp_path)
     model.eval()
     feats, regions = model.encode_images(torch.randn(3, 3, cfg.data.image_size, cfg.data.image_size))
@@ -116,3 +116,7 @@ def test_generate_decodes_the_same_tokens_either_way(tmp_path):
     model.direct_decode = False
     _, hf = model.generate(feats, regions, convs, max_new_tokens=12)
     assert direct == hf and all(len(g) > 0 for g in direct)
+    _, hf_alone = model.generate(feats[1:2], regions[1:2], convs[1:2], max_new_tokens=12)
+    model.direct_decode = True
+    _, direct_alone = model.generate(feats[1:2], regions[1:2], convs[1:2], max_new_tokens=12)
+    assert direct_alone == hf_alone and len(direct_alone[0]) > 0

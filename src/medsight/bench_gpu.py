@@ -263,31 +263,24 @@ def decode_tokens_per_s(lm, dev: Device, batch: int, prompt_len: int, new_tokens
     (through models.decode's direct step where the LLM's layout allows, as there)."""
     from transformers import DynamicCache
 
-    from medsight.models.decode import direct_step
+    from medsight.models.decode import DirectStep, decode_step
 
     g = torch.Generator(device=dev.name).manual_seed(0)
     ids = torch.randint(0, lm.config.vocab_size, (batch, prompt_len), device=dev.name, generator=g)
-    mask = torch.ones_like(ids)
-    step = direct_step(lm)
+    step = decode_step(lm)
 
     def run() -> None:
         cache = DynamicCache(config=lm.config)
         with dev.autocast():
-            logits = lm(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            m, pos = mask, torch.full((batch, 1), prompt_len - 1, device=dev.name)
+            logits = lm(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            pos = torch.full((batch, 1), prompt_len - 1, device=dev.name)
             for _ in range(new_tokens):
-                nxt = logits.argmax(-1)
-                m = torch.cat([m, m.new_ones(batch, 1)], 1)
                 pos = pos + 1
-                if step is not None:  # no padding here: no mask
-                    logits = step(nxt, pos, None, cache)
-                else:
-                    logits = lm(input_ids=nxt[:, None], attention_mask=m, position_ids=pos, cache=cache,
-                                use_cache=True).logits[:, -1]
+                logits = step(logits.argmax(-1), pos, None, cache)  # no padding: no mask
 
     sec = median_time(run, repeats, sync=dev.sync)
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "s": sec,
-            "tokens_per_s": batch * new_tokens / sec, "decode": "hf" if step is None else "direct"}
+            "tokens_per_s": batch * new_tokens / sec, "decode": "direct" if isinstance(step, DirectStep) else "hf"}
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ stay in), its own rotary table, the same DynamicCache, one fused attention call,
 Hugging Face's forward and fills the cache both paths share.
 
 It gives Hugging Face's logits within float rounding (tests/test_decode.py compares them step by step,
-with left padding, grouped-query attention, biases and LoRA). `direct_step` returns None for anything else
-(another architecture, sliding-window attention, a model in training mode), and the caller keeps Hugging
-Face's forward.
+with left padding, grouped-query attention, biases and LoRA). For anything else (another architecture,
+sliding-window attention, a model in training mode) `decode_step` gives Hugging Face's forward behind the
+same call.
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ def unsupported(lm: nn.Module) -> str | None:
 def direct_step(lm: nn.Module) -> DirectStep | None:
     """A DirectStep for `lm`, or None where Hugging Face's forward must decode (see `unsupported`)."""
     return None if unsupported(lm) else DirectStep(lm)
+
+
+def decode_step(lm: nn.Module, direct: bool = True):
+    """The one-token step of cached greedy decoding, `step(ids (B,), position_ids (B, 1), attention_mask (B, L)
+    or None, cache) -> logits (B, V)`: a DirectStep where `direct` and the layout allow, else Hugging Face's
+    forward with the same signature (attention_mask None: no sample is padded)."""
+    step = direct_step(lm) if direct else None
+    if step is not None:
+        return step
+
+    def hf_step(ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                cache) -> torch.Tensor:
+        return lm(input_ids=ids[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                  use_cache=True).logits[:, -1]
+    return hf_step
 
 
 def _norm(module: nn.Module):

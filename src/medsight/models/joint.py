@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsight.models.chat import IGNORE, encode_conversation, left_pad
-from medsight.models.decode import direct_step
+from medsight.models.decode import decode_step
 from medsight.models.llm import IMAGE_TOKEN, SYSTEM_PROMPT
 from medsight.models.projectors import TextToVision, VisionToText
 
@@ -336,7 +336,7 @@ class MedSightLM(nn.Module):
         logits = lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                     position_ids=inputs["position_ids"], cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         mask, pos = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-        step = direct_step(lm) if self.direct_decode else None  # None: Hugging Face's forward decodes
+        step = decode_step(lm, direct=self.direct_decode)
         padded = not bool(mask.all())  # new tokens are never padding: decided once
         b = len(conversations)
         done = torch.zeros(b, dtype=torch.bool, device=feats.device)
@@ -349,13 +349,10 @@ class MedSightLM(nn.Module):
             done |= torch.isin(nxt, stop)
             if done.all():
                 break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
             pos = pos + 1
-            if step is not None:
-                logits = step(nxt, pos, mask if padded else None, cache)
-            else:
-                logits = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
-                            use_cache=True).logits[:, -1]
+            logits = step(nxt, pos, mask if padded else None, cache)
         return prompt, generated
 
     def _next_token(self, logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
