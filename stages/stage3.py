@@ -1,7 +1,7 @@
 """Stage 3: the LLM side (SPEC section 5) in phases align -> ground -> instruct, from the stage-1 and stage-2
 exports. Each phase is one Trainer, starts from the previous phase's export and writes its own.
 
-    python -m stages.stage3 [overlay.yaml ...] [key=value ...]     (make stage3: about 7 min on a 2-core CPU)
+    python -m stages.stage3 [overlay.yaml ...] [key=value ...]     (make stage3: 5-6 min on a 2-core CPU)
     python -m stages.stage3 stage3.phases=[instruct] llm.lora.enabled=true     (one phase, LoRA)
 
 Writes checkpoints/<run>/stage3/: config.yaml, tokenizer/ (the tiny tokenizer's cache), <phase>/ckpt/
