@@ -70,8 +70,10 @@ def metrics_table(run_root: Path) -> str:
     for section, d in ev.items():
         if isinstance(d, dict):
             for k, v in d.items():
+                if section == "run" and k != "wall_time_s":  # the settings (seed, batch size), not results
+                    continue
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    rows.append(f"| eval | {section}/{k} | {v:.3f} |")
+                    rows.append(f"| eval | {section}/{k} | {v if isinstance(v, int) else f'{v:.3f}'} |")
     return "| step | metric | value |\n|---|---|---|\n" + "\n".join(rows)
 
 
