@@ -50,6 +50,11 @@ def _pick_example(data: Path) -> tuple[str, str]:
     return str(images[0]), "What abnormality is present in this image? Please segment it."
 
 
+def _cell(value) -> str:
+    """A table value: floats to 3 decimals, counts and text as they are."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def metrics_table(run_root: Path) -> str:
     """Markdown table of the headline numbers of every stage of a run."""
     rows = []
@@ -64,8 +69,7 @@ def metrics_table(run_root: Path) -> str:
     ]:
         for k in keys:
             if k in d:
-                v = d[k]
-                rows.append(f"| {name} | {k} | {v:.3f} |" if isinstance(v, (int, float)) else f"| {name} | {k} | {v} |")
+                rows.append(f"| {name} | {k} | {_cell(d[k])} |")
     ev = _load(run_root / "eval" / "results.json")
     for section, d in ev.items():
         if isinstance(d, dict):
@@ -73,7 +77,7 @@ def metrics_table(run_root: Path) -> str:
                 if section == "run" and k != "wall_time_s":  # the settings (seed, batch size), not results
                     continue
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    rows.append(f"| eval | {section}/{k} | {v if isinstance(v, int) else f'{v:.3f}'} |")
+                    rows.append(f"| eval | {section}/{k} | {_cell(v)} |")
     return "| step | metric | value |\n|---|---|---|\n" + "\n".join(rows)
 
 
