@@ -1,6 +1,6 @@
 """Stage 1: train the Region Perceiver (SPEC section 3) on segmentation, with Hungarian-matched set loss.
 
-    python -m stages.stage1 [overlay.yaml ...] [key=value ...]     (make stage1: 2-5 min on a 2-core CPU)
+    python -m stages.stage1 [overlay.yaml ...] [key=value ...]     (make stage1: 2-6 min on a 2-core CPU)
     python -m stages.stage1 resume=auto                            (continue an interrupted run from last.ckpt)
 
 Writes checkpoints/<run>/stage1/: config.yaml, tb/ (TensorBoard: losses, val/dice*, mask overlays),
