@@ -107,7 +107,8 @@ class CodebookModule(L.LightningModule):
                 self.quantizer.set_input_stats(self.bank_q)
             if self.cfg.codebook.init_from_data:  # k-means++ codes on the initial z
                 with torch.no_grad():
-                    self.quantizer.init_from_data(self.quantizer.encode(self.bank_q), self.bank_g, seed=self.cfg.seed)
+                    self.quantizer.init_from_data(self.quantizer.encode(self.bank_q), self.bank_g,
+                                                  seed=self.cfg.seed, balance=float(self.cfg.codebook.init_balance))
         self.vision.eval()
         self.perceiver.eval()
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsight.models.codebook import RegionQuantizer, quantizer_loss, usage_stats
+from medsight.models.codebook import RegionQuantizer, balanced_assignment, quantizer_loss, usage_stats
 
 
 @pytest.mark.parametrize(
@@ -125,6 +125,37 @@ def test_usage_stats_hand_made():
     assert math.isclose(ppl[0].item(), math.exp(-(p * p.log()).sum().item()), rel_tol=1e-5)
     assert ppl[1].item() == 0.0 and math.isclose(ppl[2].item(), 1.0, rel_tol=1e-6)
     assert n.tolist() == [4.0, 0.0, 2.0]
+
+
+def test_balanced_assignment_matches_exact_transport():
+    """Oracle: the exact equal-size assignment (Hungarian on each code repeated M/K times, scipy); at a low
+    temperature the Sinkhorn plan's argmax gives the same assignment, with every code taking M/K rows."""
+    from scipy.optimize import linear_sum_assignment
+
+    torch.manual_seed(3)
+    m, k = 24, 4
+    # most rows crowd near code 0
+    codes = F.normalize(torch.randn(k, 6), dim=-1)
+    z = F.normalize(codes[0] + 0.6 * torch.randn(m, 6), dim=-1)
+    sim = z @ codes.T
+    rows, cols = linear_sum_assignment(-sim.repeat_interleave(m // k, dim=1).numpy())
+    exact = torch.as_tensor(cols // (m // k))[torch.as_tensor(rows).argsort()]
+    got = balanced_assignment(sim, temperature=0.01, iters=500)
+    assert torch.bincount(got, minlength=k).tolist() == [m // k] * k
+    assert torch.equal(got, exact)
+    assert int(torch.bincount(sim.argmax(-1), minlength=k).max()) > 2 * m // k  # nearest code: one code crowds
+
+
+def test_balanced_init_gives_a_crowded_cluster_more_codes():
+    torch.manual_seed(0)
+    qz = RegionQuantizer(8, 4, 1, 8, 8)
+    dense = F.normalize(torch.randn(8) + 0.05 * torch.randn(300, 8), dim=-1)  # one organ on every slice
+    sparse = F.normalize(torch.randn(30, 8), dim=-1)  # a few scattered lesions
+    z, g = torch.cat([dense, sparse]), torch.zeros(330, dtype=torch.long)
+    def codes_on_dense(balance):
+        qz.init_from_data(z, g, seed=0, balance=balance)
+        return len(qz.nearest(dense, g[:300]).unique())
+    assert codes_on_dense(0.02) > codes_on_dense(0.0)
 
 
 @pytest.mark.parametrize(

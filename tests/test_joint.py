@@ -51,7 +51,7 @@ def test_sequence_left_padded_with_image_tokens(joint):
     tok = joint.tokenize(convs)
     b, t = tok["input_ids"].shape
     assert (tok["attention_mask"][:, -1] == 1).all() and (tok["attention_mask"][0, 0] == 0)  # left padding
-    k = (4 // joint.patch_pool) ** 2 + 4  # pooled 4x4 patch grid + 4 region tokens
+    k = (-(-4 // joint.patch_pool)) ** 2 + 4  # pooled 4x4 patch grid (ceil mode) + 4 region tokens
     emb = torch.randn(b, k, 32)
     inp = joint.build_inputs(tok["input_ids"], tok["attention_mask"], emb, tok["labels"])
     assert inp["inputs_embeds"].shape == (b, t - 1 + k, 32)

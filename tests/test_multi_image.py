@@ -25,7 +25,7 @@ def _two_image_conv(answer: str) -> list[dict]:
 def test_each_image_placeholder_gets_its_own_image(joint):
     convs = [_two_image_conv("The second one [C0_1]."), conv("yes")]
     tok = joint.tokenize(convs)
-    k = (4 // joint.patch_pool) ** 2 + 4
+    k = (-(-4 // joint.patch_pool)) ** 2 + 4
     emb = torch.randn(3, k, 32)  # images of sample 0 (two), then sample 1 (one)
     inp = joint.build_inputs(tok["input_ids"], tok["attention_mask"], emb, tok["labels"], torch.tensor([2, 1]))
     pos0 = (inp["token_ids"][0] == -1).nonzero().squeeze(1)

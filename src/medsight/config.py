@@ -148,6 +148,7 @@ class CodebookConfig:
     reseed_every: int = 50  # steps between dead-code checks
     standardize: bool = True  # standardise region queries per channel (training-set statistics) before W_q
     init_from_data: bool = True  # k-means++ (+ a few k-means steps) codebooks from the training queries' initial z
+    init_balance: float = 0.0  # > 0: those k-means steps assign with equal mass per code (Sinkhorn at this temperature)
     query_batch: int = 1024  # cached matched queries per step for the cheap losses (recon, codebook, modality)
     region_store_mb: float = 8192.0  # stage 2's per-image feats + masks in memory; beyond it on disk (spill/)
     mask_every: int = 2  # decode masks for the mask loss every this many steps (the one expensive part of a step)
@@ -184,7 +185,7 @@ class LLMConfig:
     tie_word_embeddings: bool = False  # tiny only (Qwen3-8B has an untied lm_head)
     separate_projectors: bool = False  # separate v->t projectors for patch and region tokens
     patch_pool: Optional[int] = None  # average-pool the patch grid by this factor before the v->t projector;
-    #                                   None: 4 for the tiny LLM (CPU budget), 1 otherwise (the paper: all 576)
+    #                                   None: 8 for the tiny LLM (CPU budget), 1 otherwise (the paper: all 576)
     patch_pool_mode: str = "avg"  # avg | max
     system_prompt: Optional[str] = "You are a medical assistant."  # system turn text; null/"": no system turn
     attention_dropout: float = 0.0  # dropout on attention weights while training (any Qwen/Llama-family LLM)

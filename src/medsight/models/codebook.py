@@ -210,20 +210,40 @@ class RegionQuantizer(nn.Module):
         return reseeded
 
     @torch.no_grad()
-    def init_from_data(self, z: Tensor, groups: Tensor, iters: int = 10, seed: int = 0) -> None:
+    def init_from_data(self, z: Tensor, groups: Tensor, iters: int = 10, seed: int = 0,
+                       balance: float = 0.0) -> None:
         """k-means++ seeding plus a few spherical k-means steps on normalised z (M, D) per group; groups
-        without data keep their random codes. Spreads codes over the data from the first step."""
+        without data keep their random codes. Spreads codes over the data from the first step.
+
+        balance > 0: each k-means step assigns by entropic optimal transport with equal mass per code
+        (Sinkhorn at this temperature on cosine similarity) instead of nearest code, so codes follow how many
+        regions there are, not only how far apart they lie: a tight cluster holding many regions (an organ
+        seen on every slice) gets several codes instead of one."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for g in groups.unique().tolist():
             zg = z[groups == g].float().cpu()
             centers = _kmeans_pp(zg, self.num_codes, gen)
             for _ in range(iters):
-                assign = (zg @ centers.T).argmax(-1)
+                sim = zg @ centers.T
+                assign = balanced_assignment(sim, balance) if balance > 0 else sim.argmax(-1)
                 for k in range(len(centers)):
                     members = zg[assign == k]
                     if len(members):
                         centers[k] = F.normalize(members.mean(0), dim=-1)
             self.set_codes(g, slice(None), centers)
+
+
+def balanced_assignment(sim: Tensor, temperature: float, iters: int = 50) -> Tensor:
+    """Rows of sim (M, K) to columns so that every column takes about M/K rows: the argmax of the entropic
+    optimal-transport plan with uniform row and column marginals (log-domain Sinkhorn at `temperature`)."""
+    log_p = sim / temperature
+    m, k = log_p.shape
+    log_r, log_c = -torch.log(torch.tensor(float(m))), -torch.log(torch.tensor(float(k)))
+    u, v = torch.zeros(m, 1), torch.zeros(1, k)
+    for _ in range(iters):
+        u = log_r - torch.logsumexp(log_p + v, dim=1, keepdim=True)
+        v = log_c - torch.logsumexp(log_p + u, dim=0, keepdim=True)
+    return (log_p + u + v).argmax(-1)
 
 
 def _kmeans_pp(z: Tensor, k: int, gen: torch.Generator) -> Tensor:
@@ -293,4 +313,5 @@ __all__ = [
     "load_quantizer",
     "quantizer_loss",
     "usage_stats",
+    "balanced_assignment",
 ]
