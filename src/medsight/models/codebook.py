@@ -7,7 +7,9 @@ feature picks the group at inference (training routes by the ground-truth group)
 
 What differs from the reference on purpose (SPEC section 9): a correct straight-through estimator
 `z + (z_q - z).detach()`, configurable codebook/commitment weights with each term counted once, and two
-options against dead codes: EMA codebook updates and re-seeding unused codes from recent z.
+options against dead codes: EMA codebook updates and re-seeding unused codes from recent z. The codes start
+from k-means on the initial z, optionally with equal mass per code (`init_from_data(balance=...)`); the tiny
+default then keeps W_q and the codes frozen (stages/configs/stage2.yaml has the measurement).
 """
 
 from __future__ import annotations
