@@ -133,7 +133,7 @@ def test_fsdp2_two_processes_cpu(tmp_path):
 
 
 def test_repeat_sets_the_mix_of_a_phase(synthetic_root, tmp_path):
-    """stage3.repeat={diagseg: 2}: every DiagSeg training record twice per epoch (the default is 3), the other sources
+    """stage3.repeat={diagseg: 2}: every DiagSeg training record twice per epoch (the default), the other sources
     once; a count below 1 or an unknown source fails naming the key."""
     from collections import Counter
 
