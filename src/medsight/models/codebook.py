@@ -14,6 +14,7 @@ default then keeps W_q and the codes frozen (stages/configs/stage2.yaml has the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -240,11 +241,10 @@ def balanced_assignment(sim: Tensor, temperature: float, iters: int = 50) -> Ten
     optimal-transport plan with uniform row and column marginals (log-domain Sinkhorn at `temperature`)."""
     log_p = sim / temperature
     m, k = log_p.shape
-    log_r, log_c = -torch.log(torch.tensor(float(m))), -torch.log(torch.tensor(float(k)))
-    u, v = torch.zeros(m, 1), torch.zeros(1, k)
+    v = log_p.new_zeros(1, k)
     for _ in range(iters):
-        u = log_r - torch.logsumexp(log_p + v, dim=1, keepdim=True)
-        v = log_c - torch.logsumexp(log_p + u, dim=0, keepdim=True)
+        u = -math.log(m) - torch.logsumexp(log_p + v, dim=1, keepdim=True)
+        v = -math.log(k) - torch.logsumexp(log_p + u, dim=0, keepdim=True)
     return (log_p + u + v).argmax(-1)
 
 
