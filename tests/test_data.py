@@ -431,3 +431,21 @@ def test_synthetic_gold_answers_score_full_recall(synthetic_root):
     assert any(not r["mask_ids"] for r in rows) and any(r["mask_ids"] for r in rows)
     for r in rows:
         assert diagnosis_recall(r["answer"].replace(" <mask>", ""), r["short_answer"]) == 1.0, r["qa_id"]
+
+
+def test_augmented_segmentation_keeps_binary_masks(tiny_cfg):
+    """data.augment: flipped/jittered training images, masks still {0, 1} and flipped with the image (the masks
+    were once divided by 255 on this path, so stage 1 trained on empty targets)."""
+    tiny_cfg.data.augment = True
+    ds = MedicalDataModule(tiny_cfg, "segmentation").dataset("train")
+    plain_cfg = tiny_cfg.copy()
+    plain_cfg.data.augment = False
+    plain = MedicalDataModule(plain_cfg, "segmentation").dataset("train")
+    flipped = 0
+    for i in range(8):
+        a, p = ds[i], plain[i]
+        assert set(a["masks"].unique().tolist()) <= {0.0, 1.0} and a["masks"].sum() == p["masks"].sum() > 0
+        if not torch.equal(a["masks"], p["masks"]):
+            assert torch.equal(a["masks"], p["masks"].flip(-1))
+            flipped += 1
+    assert 0 < flipped < 8

@@ -114,10 +114,13 @@ class NormalizeUint8d(MapTransform):
 
 
 class _ToUnitFloatd(MapTransform):
+    """uint8 image -> float32 in [0, 1]; masks ({0, 1}, any dtype) -> float32 {0, 1} (never divided by 255)."""
+
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = torch.from_numpy(d[key].astype(np.float32) / (255.0 if d[key].dtype == np.uint8 else 1.0))
+            scale = 255.0 if key == "image" and d[key].dtype == np.uint8 else 1.0
+            d[key] = torch.from_numpy(d[key].astype(np.float32) / scale)
         return d
 
 
