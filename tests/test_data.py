@@ -321,6 +321,7 @@ def test_datamodule_batches(tiny_cfg, task, sources):
 
 
 def test_datamodule_cache_reuses_decoded_images(tiny_cfg):
+    tiny_cfg.data.augment = False  # stage 1's default flips/jitters training images; this compares raw pixels
     dm = MedicalDataModule(tiny_cfg, "segmentation")
     ds = dm.dataset("train")
     n = len(dm.store.images)
@@ -436,7 +437,7 @@ def test_synthetic_gold_answers_score_full_recall(synthetic_root):
 def test_augmented_segmentation_keeps_binary_masks(tiny_cfg):
     """data.augment: flipped/jittered training images, masks still {0, 1} and flipped with the image (the masks
     were once divided by 255 on this path, so stage 1 trained on empty targets)."""
-    tiny_cfg.data.augment = True
+    assert tiny_cfg.data.augment  # stage 1's default
     ds = MedicalDataModule(tiny_cfg, "segmentation").dataset("train")
     plain_cfg = tiny_cfg.copy()
     plain_cfg.data.augment = False
@@ -449,3 +450,46 @@ def test_augmented_segmentation_keeps_binary_masks(tiny_cfg):
             assert torch.equal(a["masks"], p["masks"].flip(-1))
             flipped += 1
     assert 0 < flipped < 8
+
+
+@pytest.mark.parametrize("flip,factor,offset", [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 0.07, 0.0),
+                                                (False, 0.0, -0.04), (True, -0.09, 0.03)])
+def test_flip_jitter_is_monais_flip_scale_shift(flip, factor, offset):
+    """FlipJitterd's one numpy pass against MONAI's own deterministic transforms for the same draws."""
+    from monai.transforms import Flip, ScaleIntensity, ShiftIntensity
+
+    from medsight.data.transforms import FlipJitterd
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 24, 20), dtype=np.uint8)
+    masks = (rng.random((2, 24, 20)) > 0.7).astype(np.uint8)
+    out = FlipJitterd.apply({"image": image, "masks": masks}, flip, factor, offset)
+    ref_img, ref_masks = torch.from_numpy(image.astype(np.float32) / 255.0), torch.from_numpy(masks)
+    if flip:
+        ref_img, ref_masks = Flip(spatial_axis=1)(ref_img), Flip(spatial_axis=1)(ref_masks)
+    if factor:
+        ref_img = ScaleIntensity(minv=None, maxv=None, factor=factor)(ref_img)
+    if offset:
+        ref_img = ShiftIntensity(offset)(ref_img)
+    np.testing.assert_allclose(out["image"], np.asarray(ref_img), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["masks"], np.asarray(ref_masks))
+
+
+def test_flip_jitter_draws_follow_the_seed():
+    from medsight.data.transforms import FlipJitterd
+
+    t = FlipJitterd()
+    draws = []
+    for seed in (1, 2, 1):
+        t.set_random_state(seed=seed)
+        t.randomize()
+        draws.append(t.params)
+    assert draws[0] == draws[2]
+    many = []
+    for seed in range(400):
+        t.set_random_state(seed=seed)
+        t.randomize()
+        many.append(t.params)
+    flips, factors, offsets = (np.array(x) for x in zip(*many))
+    assert 0.4 < flips.mean() < 0.6 and 0.4 < (factors != 0).mean() < 0.6 and 0.4 < (offsets != 0).mean() < 0.6
+    assert np.abs(factors).max() <= 0.1 and np.abs(offsets).max() <= 0.05

@@ -2,8 +2,9 @@
 
 load_transform is the deterministic part, whose output the dataset caches as uint8: load with MONAI readers
 (LoadMedicalImaged, LoadMasksd), resize images bilinearly and masks nearest to data.image_size (ResizeIfNeededd).
-split_transform is the per-split part: augmentation (train + data.augment + segmentation: RandFlipd /
-RandScaleIntensityd / RandShiftIntensityd), then the CLIP normalisation (NormalizeUint8d).
+split_transform is the per-split part: augmentation (train + data.augment + segmentation: FlipJitterd, MONAI's
+RandFlipd / RandScaleIntensityd / RandShiftIntensityd in one numpy pass), then the CLIP normalisation
+(NormalizeUint8d).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import torch
 from monai.transforms import (
     Compose,
     MapTransform,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
+    RandomizableTransform,
     Resized,
 )
 
@@ -113,31 +112,59 @@ class NormalizeUint8d(MapTransform):
         return d
 
 
-class _ToUnitFloatd(MapTransform):
-    """uint8 image -> float32 in [0, 1]; masks ({0, 1}, any dtype) -> float32 {0, 1} (never divided by 255)."""
+class FlipJitterd(RandomizableTransform, MapTransform):
+    """Segmentation augmentation on {"image": (3, S, S) uint8, "masks": (M, S, S)}: a left-right flip of image
+    and masks (prob. `flip_prob`), then image x (1 + f), f ~ U(-scale, scale) (prob. `scale_prob`), then
+    image + o, o ~ U(-shift, shift) (prob. `shift_prob`), on the image in [0, 1]. The same function as MONAI's
+    RandFlipd(spatial_axis=1) -> RandScaleIntensityd(factors) -> RandShiftIntensityd(offsets) (tests compare
+    them), in one numpy pass: 0.1 ms per 128 px sample instead of 1.5 ms (stage 1 reads 8,000 samples).
+    Output: image float32 in (about) [0, 1], masks in their dtype, both contiguous."""
+
+    def __init__(self, flip_prob: float = 0.5, scale: float = 0.1, scale_prob: float = 0.5, shift: float = 0.05,
+                 shift_prob: float = 0.5) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, keys=["image", "masks"])
+        self.flip_prob, self.scale, self.scale_prob = flip_prob, scale, scale_prob
+        self.shift, self.shift_prob = shift, shift_prob
+        self.params: tuple[bool, float, float] = (False, 0.0, 0.0)
+
+    def randomize(self, data: Any = None) -> None:
+        flip = bool(self.R.rand() < self.flip_prob)
+        factor = float(self.R.uniform(-self.scale, self.scale)) if self.R.rand() < self.scale_prob else 0.0
+        offset = float(self.R.uniform(-self.shift, self.shift)) if self.R.rand() < self.shift_prob else 0.0
+        self.params = (flip, factor, offset)
+
+    @staticmethod
+    def apply(data: dict, flip: bool, factor: float, offset: float) -> dict:
+        d = dict(data)
+        img = np.asarray(d["image"], np.float32) / (255.0 if d["image"].dtype == np.uint8 else 1.0)
+        masks = np.asarray(d["masks"])
+        if flip:
+            img, masks = img[..., ::-1], masks[..., ::-1]
+        if factor:
+            img = img * np.float32(1.0 + factor)
+        if offset:
+            img = img + np.float32(offset)
+        d["image"], d["masks"] = np.ascontiguousarray(img, np.float32), np.ascontiguousarray(masks)
+        return d
 
     def __call__(self, data: dict) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            scale = 255.0 if key == "image" and d[key].dtype == np.uint8 else 1.0
-            d[key] = torch.from_numpy(d[key].astype(np.float32) / scale)
-        return d
+        self.randomize()
+        return self.apply(data, *self.params)
 
 
 def split_transform(cfg: Any, task: str, split: str) -> Compose:
     """Per-split part on {"image": (3, S, S) uint8, "masks": (M, S, S) uint8}: augmentation (train,
-    segmentation, data.augment: RandFlipd, RandScaleIntensityd, RandShiftIntensityd) then CLIP normalisation."""
+    segmentation, data.augment: FlipJitterd) then CLIP normalisation."""
     ts: list = []
     if split == "train" and task == "segmentation" and cfg.data.augment:
-        ts += [_ToUnitFloatd(keys=["image", "masks"]),
-               RandFlipd(keys=["image", "masks"], prob=0.5, spatial_axis=1),
-               RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-               RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)]
+        ts.append(FlipJitterd())
     ts.append(NormalizeUint8d(keys="image", mean=list(cfg.data.mean), std=list(cfg.data.std)))
     return Compose(ts)
 
 
 __all__ = [
+    "FlipJitterd",
     "LoadMasksd",
     "LoadMedicalImaged",
     "NormalizeUint8d",
