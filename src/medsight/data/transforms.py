@@ -117,7 +117,8 @@ class FlipJitterd(RandomizableTransform, MapTransform):
     and masks (prob. `flip_prob`), then image x (1 + f), f ~ U(-scale, scale) (prob. `scale_prob`), then
     image + o, o ~ U(-shift, shift) (prob. `shift_prob`), on the image in [0, 1]. The same function as MONAI's
     RandFlipd(spatial_axis=1) -> RandScaleIntensityd(factors) -> RandShiftIntensityd(offsets) (tests compare
-    them), in one numpy pass: 0.1 ms per 128 px sample instead of 1.5 ms (stage 1 reads 8,000 samples).
+    them), in one numpy pass: a 128 px training sample is read in 0.2-0.3 ms with it, 2.0 ms with MONAI's three
+    (stage 1 reads 8,000). The flip is side-blind: a class set with left/right classes needs data.augment=false.
     Output: image float32 in (about) [0, 1], masks in their dtype, both contiguous."""
 
     def __init__(self, flip_prob: float = 0.5, scale: float = 0.1, scale_prob: float = 0.5, shift: float = 0.05,
