@@ -17,8 +17,9 @@ import torch
 from monai.transforms import (
     Compose,
     MapTransform,
-    RandomizableTransform,
+    Randomizable,
     Resized,
+    Transform,
 )
 
 from medsight.data.io import read_image, read_mask
@@ -112,7 +113,7 @@ class NormalizeUint8d(MapTransform):
         return d
 
 
-class FlipJitterd(RandomizableTransform, MapTransform):
+class FlipJitterd(Randomizable, Transform):
     """Segmentation augmentation on {"image": (3, S, S) uint8, "masks": (M, S, S)}: a left-right flip of image
     and masks (prob. `flip_prob`), then image x (1 + f), f ~ U(-scale, scale) (prob. `scale_prob`), then
     image + o, o ~ U(-shift, shift) (prob. `shift_prob`), on the image in [0, 1]. The same function as MONAI's
@@ -123,8 +124,6 @@ class FlipJitterd(RandomizableTransform, MapTransform):
 
     def __init__(self, flip_prob: float = 0.5, scale: float = 0.1, scale_prob: float = 0.5, shift: float = 0.05,
                  shift_prob: float = 0.5) -> None:
-        RandomizableTransform.__init__(self, prob=1.0)
-        MapTransform.__init__(self, keys=["image", "masks"])
         self.flip_prob, self.scale, self.scale_prob = flip_prob, scale, scale_prob
         self.shift, self.shift_prob = shift, shift_prob
         self.params: tuple[bool, float, float] = (False, 0.0, 0.0)

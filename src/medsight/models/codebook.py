@@ -311,9 +311,9 @@ def load_quantizer(export_dir, cfg=None) -> tuple[RegionQuantizer, DictConfig]:
 __all__ = [
     "QuantizerOutput",
     "RegionQuantizer",
+    "balanced_assignment",
     "build_quantizer",
     "load_quantizer",
     "quantizer_loss",
     "usage_stats",
-    "balanced_assignment",
 ]
